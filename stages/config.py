@@ -1,0 +1,336 @@
+"""The one params schema every stage validates `params.yaml` against.
+
+`params.yaml` is the single source of every value: the schema below gives
+types and ranges but no defaults, so a value is never silently taken from
+code. `load_params()` validates the whole file (every variant included) and
+raises one `UserError` naming each wrong key, before a stage does any work.
+
+A variant's settings are `train` with `experiments.<variant>` merged over it
+(dicts merge key by key; `null` removes an augmentation).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from stages.errors import UserError
+
+PARAMS_FILE = "params.yaml"
+
+# torchvision classification backbones the model builder knows how to re-head.
+ARCHITECTURES = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "shufflenet_v2_x0_5",
+    "shufflenet_v2_x1_0",
+    "shufflenet_v2_x1_5",
+    "shufflenet_v2_x2_0",
+    "densenet121",
+    "efficientnet_b0",
+    "vit_b_16",
+)
+
+# torchvision.transforms.v2 classes usable as training augmentations: they
+# work on uint8 image tensors and keep the image size.
+AUGMENTATIONS = (
+    "AugMix",
+    "AutoAugment",
+    "ColorJitter",
+    "ElasticTransform",
+    "GaussianBlur",
+    "RandAugment",
+    "RandomAdjustSharpness",
+    "RandomAffine",
+    "RandomAutocontrast",
+    "RandomEqualize",
+    "RandomErasing",
+    "RandomGrayscale",
+    "RandomHorizontalFlip",
+    "RandomInvert",
+    "RandomPerspective",
+    "RandomPhotometricDistort",
+    "RandomPosterize",
+    "RandomRotation",
+    "RandomSolarize",
+    "RandomVerticalFlip",
+    "TrivialAugmentWide",
+)
+
+# Names people type for our keys; used for "did you mean" only.
+_SYNONYMS = {
+    "learning_rate": "lr",
+    "wd": "weight_decay",
+    "bs": "batch_size",
+    "batchsize": "batch_size",
+    "n_epochs": "epochs",
+    "num_epochs": "epochs",
+    "model": "arch",
+    "architecture": "arch",
+    "backbone": "arch",
+    "augmentation": "augment",
+    "augmentations": "augment",
+    "l2": "l2_penalty",
+    "l2_lambda": "l2_penalty",
+    "drop_rate": "dropout",
+}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    source: str = Field(min_length=1)
+    sha256: Optional[str] = Field(pattern=r"^[0-9a-fA-F]{64}$")
+    classes: dict[str, str] = Field(min_length=2)
+    positive_class: str
+    max_per_class: Optional[int] = Field(gt=0)
+    test_fraction: float = Field(gt=0, lt=1)
+    val_fraction: float = Field(ge=0, lt=1)
+    seed: int = Field(ge=0)
+    image_size: int = Field(ge=16, le=2048)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @field_validator("classes")
+    @classmethod
+    def _folders_distinct(cls, classes: dict[str, str]) -> dict[str, str]:
+        for name, folder in classes.items():
+            if not str(folder).strip("/"):
+                raise ValueError(f"class {name!r} has an empty folder name")
+        folders = [f.strip("/") for f in classes.values()]
+        if len(set(folders)) != len(folders):
+            raise ValueError("two classes point at the same folder")
+        return classes
+
+    @field_validator("std")
+    @classmethod
+    def _std_positive(cls, std: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(std) <= 0:
+            raise ValueError("every std must be > 0")
+        return std
+
+    @model_validator(mode="after")
+    def _positive_is_a_class(self) -> "DataParams":
+        if self.positive_class not in self.classes:
+            raise ValueError(
+                f"positive_class {self.positive_class!r} is not one of the classes "
+                f"{list(self.classes)}"
+            )
+        return self
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.classes)
+
+
+class TrainParams(_Section):
+    arch: str
+    pretrained: bool
+    dropout: float = Field(ge=0, lt=1)
+    epochs: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    optimizer: Literal["adam", "adamw", "sgd"]
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    l2_penalty: float = Field(ge=0)
+    augment: dict[str, Optional[dict[str, Any]]]
+    seed: int = Field(ge=0)
+    select_metric: Literal["f1", "accuracy", "roc_auc", "loss"]
+    log_test_curve: bool
+    device: str
+    num_workers: Union[int, Literal["auto"]]
+    amp: bool
+    channels_last: bool
+    compile: bool
+    deterministic: Union[bool, Literal["auto"]]
+    accumulate_steps: int = Field(gt=0)
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, arch: str) -> str:
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {arch!r}{_did_you_mean(arch, ARCHITECTURES)}; "
+                             f"choose one of {', '.join(ARCHITECTURES)}")
+        return arch
+
+    @field_validator("augment")
+    @classmethod
+    def _known_augmentations(cls, augment: dict) -> dict:
+        for name in augment:
+            if name not in AUGMENTATIONS:
+                raise ValueError(f"unknown augmentation {name!r}{_did_you_mean(name, AUGMENTATIONS)}; "
+                                 f"use a torchvision.transforms.v2 name: {', '.join(AUGMENTATIONS)}")
+        return augment
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        kind = device.split(":")[0]
+        if kind not in ("auto", "cpu", "cuda", "mps"):
+            raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+        return device
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers_non_negative(cls, value: Union[int, str]) -> Union[int, str]:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("num_workers must be >= 0 or 'auto'")
+        return value
+
+    @property
+    def augmentations(self) -> dict[str, dict[str, Any]]:
+        """The active augmentations, in order (a `null` entry is switched off)."""
+        return {name: dict(kw) for name, kw in self.augment.items() if kw is not None}
+
+
+class EvaluateParams(_Section):
+    batch_size: int = Field(gt=0)
+
+
+class _ParamsFile(_Section):
+    data: DataParams
+    train: dict[str, Any]
+    experiments: dict[str, dict[str, Any]] = Field(min_length=1)
+    evaluate: EvaluateParams
+
+
+class Params:
+    """Validated params: `data`, `evaluate`, and one `TrainParams` per variant."""
+
+    def __init__(self, raw: Mapping[str, Any], parsed: _ParamsFile, variants: dict[str, TrainParams]):
+        self.raw = raw
+        self.data = parsed.data
+        self.evaluate = parsed.evaluate
+        self.variants = variants
+        self.train = _validate_train(dict(parsed.train), "train")
+
+    def variant(self, name: str) -> TrainParams:
+        """The settings of one variant; an unknown name is a `UserError`."""
+        if name not in self.variants:
+            raise UserError(
+                f"unknown variant {name!r}{_did_you_mean(name, self.variants)}; "
+                f"params.yaml defines experiments: {', '.join(self.variants)}"
+            )
+        return self.variants[name]
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `override` merged over it, key by key for nested dicts."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_params(path: str | os.PathLike = PARAMS_FILE) -> Params:
+    """Read and validate `params.yaml`; every problem is reported in one `UserError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} not found; run the stage from the repository root")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must be a mapping of sections (data, train, experiments, evaluate)")
+    try:
+        parsed = _ParamsFile.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(_describe(err, path, _ParamsFile)) from None
+
+    problems: list[str] = []
+    variants: dict[str, TrainParams] = {}
+    try:
+        _validate_train(dict(parsed.train), "train")
+    except UserError as err:
+        problems.append(str(err))
+    for name, override in parsed.experiments.items():
+        override = override or {}
+        if not isinstance(override, dict):
+            problems.append(f"{path}: experiments.{name} must be a mapping of train keys to values")
+            continue
+        try:
+            variants[name] = _validate_train(deep_merge(parsed.train, override), "train",
+                                             override=override, variant=name)
+        except UserError as err:
+            problems.append(str(err))
+    if problems:
+        raise UserError("\n".join(dict.fromkeys(problems)))
+    return Params(raw, parsed, variants)
+
+
+def _validate_train(values: dict[str, Any], section: str, override: Mapping[str, Any] | None = None,
+                    variant: str | None = None) -> TrainParams:
+    try:
+        return TrainParams.model_validate(values)
+    except ValidationError as err:
+        def where(loc: tuple) -> str:
+            if override is not None and loc and loc[0] in override:
+                return f"experiments.{variant}"
+            return section
+        raise UserError(_describe(err, Path(PARAMS_FILE), TrainParams, where)) from None
+
+
+def _describe(err: ValidationError, path: Path, model: type[BaseModel], where=None) -> str:
+    """One line per problem: `params.yaml: train.lr: must be > 0 (got -1)`."""
+    lines = []
+    for problem in err.errors():
+        loc = tuple(problem["loc"])
+        prefix = where(loc) if where else None
+        key = ".".join(str(part) for part in ((prefix,) if prefix else ()) + loc)
+        kind = problem["type"]
+        if kind == "extra_forbidden":
+            known = _fields_at(model, loc[:-1])
+            msg = f"unknown key{_did_you_mean(str(loc[-1]), known)}"
+        elif kind == "missing":
+            msg = "is missing; add it (README.md lists every key)"
+        else:
+            text = problem["msg"].removeprefix("Value error, ")
+            msg = f"{text} (got {problem.get('input')!r})"
+        lines.append(f"{path}: {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the (sub)model found by following `loc` from `model`."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def _did_you_mean(word: str, choices) -> str:
+    choices = list(choices)
+    synonym = _SYNONYMS.get(word.lower())
+    if synonym is None:
+        close_synonyms = difflib.get_close_matches(word.lower(), _SYNONYMS, n=1, cutoff=0.8)
+        synonym = _SYNONYMS[close_synonyms[0]] if close_synonyms else None
+    if synonym in choices:
+        return f" (did you mean {synonym!r}?)"
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -1,0 +1,197 @@
+"""Datasets over the preprocessed arrays, their transforms and loaders.
+
+Images stay uint8 (N x 3 x H x W) until they reach the device, where
+`to_model_input` scales and normalises them (4x less to copy than float32).
+Training augmentations are torchvision.transforms.v2 classes named in
+params, applied per image on the CPU in the loader's workers; evaluation
+applies none.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.transforms import v2
+
+from stages import paths
+from stages.errors import UserError
+from stages.fsio import read_json
+from stages.records import read_rows
+
+
+@dataclass
+class Split:
+    """One split of the preprocessed data: images, labels and their CSV rows."""
+
+    images: np.ndarray  # uint8, N x 3 x H x W (memory-mapped)
+    labels: np.ndarray  # int64, N
+    rows: list[dict]
+    classes: list[str]
+
+    def subset(self, name: str) -> "Split":
+        """The rows whose `subset` column is `name` (train, val or test)."""
+        idx = np.array([i for i, r in enumerate(self.rows) if r["subset"] == name], dtype=np.int64)
+        return Split(_Indexed(self.images, idx), self.labels[idx], [self.rows[i] for i in idx], self.classes)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class _Indexed:
+    """A lazy row selection of a memory-mapped array (no copy until indexed)."""
+
+    dtype = np.uint8
+
+    def __init__(self, array: np.ndarray, index: np.ndarray):
+        self.array, self.index = array, index
+        self.shape = (len(index),) + tuple(array.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i):
+        return self.array[self.index[i]]
+
+
+def load_split(name: str, folder: Path = paths.PREPARED) -> Split:
+    """`train` or `test` from the preprocess stage's output."""
+    array_path, csv_path = folder / f"{name}.npy", folder / f"{name}.csv"
+    if not array_path.is_file():
+        raise UserError(f"{array_path} does not exist; run the preprocess stage first (dvc repro preprocess)")
+    images = np.load(array_path, mmap_mode="r")
+    rows = read_rows(csv_path, made_by="preprocess")
+    meta = read_json(folder / "meta.json")
+    if len(rows) != len(images):
+        raise UserError(f"{csv_path} lists {len(rows)} images but {array_path} holds {len(images)}; "
+                        "run the preprocess stage again (dvc repro -f preprocess)")
+    labels = np.array([int(r["label"]) for r in rows], dtype=np.int64)
+    return Split(images, labels, rows, list(meta["classes"]))
+
+
+def prepared_image_size(folder: Path = paths.PREPARED) -> int:
+    return int(read_json(folder / "meta.json")["image_size"])
+
+
+def build_augment(augmentations: dict[str, dict[str, Any]]) -> Callable | None:
+    """The training transform: the named torchvision v2 augmentations, in order, or None."""
+    if not augmentations:
+        return None
+    steps = []
+    for name, kwargs in augmentations.items():
+        try:
+            steps.append(getattr(v2, name)(**kwargs))
+        except (TypeError, ValueError) as err:
+            raise UserError(f"augmentation {name} with {kwargs}: {err}; see the torchvision "
+                            f"documentation of transforms.v2.{name} for its arguments") from None
+    return v2.Compose(steps)
+
+
+class ImageArrayDataset(Dataset):
+    """(uint8 image, label) pairs, fetched a whole batch at a time (`__getitems__`).
+
+    The augmentation of image `i` in epoch `e` draws its randomness from
+    (seed, e, i) alone, so results do not depend on the number of loader
+    workers, and a run resumed at an epoch boundary repeats exactly.
+    """
+
+    def __init__(self, split: Split, transform: Callable | None = None, seed: int = 0):
+        self.split = split
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        images, labels = self.__getitems__([i])
+        return images[0], int(labels[0])
+
+    def __getitems__(self, indices: list[int]):
+        order = np.asarray(indices, dtype=np.int64)
+        ascending = np.argsort(order, kind="stable")
+        # one read of the memory-mapped array per batch, in file order
+        images = np.empty((len(order),) + tuple(self.split.images.shape[1:]), dtype=np.uint8)
+        images[ascending] = self.split.images[order[ascending]]
+        images = torch.from_numpy(images)
+        if self.transform is not None:
+            with torch.random.fork_rng(devices=[]):
+                out = []
+                for image, i in zip(images, order.tolist()):
+                    torch.default_generator.manual_seed(_mix(self.seed, self.epoch, i))
+                    out.append(self.transform(image))
+            images = torch.stack(out)
+        return images, torch.from_numpy(self.split.labels[order])
+
+
+def _mix(*values: int) -> int:
+    return int(np.random.SeedSequence(list(values)).generate_state(1)[0])
+
+
+def _batched(batch):
+    return batch  # __getitems__ already returns (images, labels) tensors
+
+
+def auto_workers(setting: int | str, device: torch.device, augment: bool) -> int:
+    """Loader processes: on a GPU enough to keep it fed; on the CPU only to augment."""
+    if setting != "auto":
+        return int(setting)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type == "cuda":
+        per_gpu = cpus // max(1, torch.cuda.device_count())
+        return max(1, min(8, per_gpu - 1))
+    return min(2, cpus - 1) if augment else 0
+
+
+def make_loader(dataset: ImageArrayDataset, batch_size: int, *, shuffle: bool, seed: int,
+                workers: int, device: torch.device, distributed: bool = False,
+                drop_last: bool = False) -> DataLoader:
+    """A loader over `dataset`; shuffling is seeded and, under DDP, sharded by rank.
+
+    Call `set_epoch(loader, epoch)` before each epoch: it reseeds the order and
+    the augmentations from (seed, epoch). Workers are started per epoch so
+    they see the new epoch.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    dataset.seed = seed
+    sampler = None
+    if distributed:
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        shuffle = False
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=_batched,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers > 0 else None,
+        generator=generator,
+        drop_last=drop_last,
+    )
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    dataset = loader.dataset
+    dataset.epoch = epoch
+    loader.generator.manual_seed(_mix(dataset.seed, epoch))
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+
+
+def to_model_input(images: torch.Tensor, device: torch.device, mean, std, channels_last: bool) -> torch.Tensor:
+    """uint8 N x 3 x H x W on the host -> normalised float on `device`."""
+    x = images.to(device, non_blocking=True).float().div_(255)
+    mean_t = torch.as_tensor(mean, device=device, dtype=x.dtype).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, device=device, dtype=x.dtype).view(1, -1, 1, 1)
+    x = (x - mean_t).div_(std_t)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x

@@ -1,0 +1,39 @@
+"""Stage `download`: put the dataset named by `data.source` into `data/raw`.
+
+`data.source` is `kaggle:<owner>/<dataset>` (through kagglehub), an
+`http(s)://` URL of a zip or tar archive (checked against `data.sha256` when
+given, resumed when interrupted), or a local folder or archive. The files land
+in a temporary folder that becomes `data/raw` only once complete.
+"""
+
+from __future__ import annotations
+
+import errno
+import argparse
+from typing import Sequence
+
+from stages import paths
+from stages.config import load_params
+from stages.errors import UserError, run_stage
+from stages.fetch import fetch
+from stages.fsio import atomic_dir
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__).parse_args(argv)
+    data = load_params().data
+    try:
+        with atomic_dir(paths.RAW) as tmp:
+            summary = fetch(data.source, tmp, data.sha256, paths.DOWNLOADS)
+            if not any(tmp.iterdir()):
+                raise UserError(f"data.source {data.source!r} holds no files")
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise UserError(f"the disk is full while writing {paths.RAW} ({err.filename}); "
+                            "free some space and run the stage again") from None
+        raise
+    print(f"download: {summary} in {paths.RAW}")
+
+
+if __name__ == "__main__":
+    run_stage(main, "download")

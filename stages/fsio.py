@@ -1,0 +1,108 @@
+"""Writing outputs so that a crash never leaves a half-written file or folder.
+
+Every stage writes to a temporary sibling and renames it into place only once
+it is complete; a killed stage leaves at most a `.tmp-*` sibling, which the
+next run removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+TMP_MARK = ".tmp-"
+
+
+def _clean_stale(target: Path) -> None:
+    """Remove temporaries a killed earlier run left beside `target`."""
+    if not target.parent.is_dir():
+        return
+    for stale in target.parent.glob(f"{target.name}{TMP_MARK}*"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path; on success it replaces `path` in one rename."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(target)
+    fd, tmp = tempfile.mkstemp(prefix=target.name + TMP_MARK, dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.chmod(tmp_path, 0o644)
+        os.replace(tmp_path, target)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder; on success it takes the place of `path`."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(target)
+    tmp_path = Path(tempfile.mkdtemp(prefix=target.name + TMP_MARK, dir=target.parent))
+    try:
+        yield tmp_path
+        remove(target)
+        os.replace(tmp_path, target)
+    except BaseException:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+        raise
+
+
+def remove(path: str | os.PathLike) -> None:
+    """Delete a file, link or folder if it exists."""
+    p = Path(path)
+    if p.is_symlink() or p.is_file():
+        p.unlink()
+    elif p.is_dir():
+        shutil.rmtree(p)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities are not JSON: write them as null."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return _json_safe(value.item())
+    return value
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(_json_safe(data), indent=2) + "\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Hard-link `src` to `dst` (no extra disk), or copy where links can't go."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

@@ -1,0 +1,32 @@
+"""Where each stage reads and writes; `dvc.yaml` declares the same paths."""
+
+from pathlib import Path
+
+DATA = Path("data")
+RAW = DATA / "raw"  # download: the dataset as downloaded
+DOWNLOADS = DATA / ".downloads"  # download: archives in flight, kept to resume
+SPLIT = DATA / "split"  # split: train.csv, test.csv
+TRAIN_CSV = SPLIT / "train.csv"
+TEST_CSV = SPLIT / "test.csv"
+DATASET = DATA / "dataset"  # prepare: <split>/<class>/<file>
+PREPARED = DATA / "prepared"  # preprocess: <split>.npy + <split>.csv + meta.json
+
+MODELS = Path("models")  # train: <variant>/best.pt, last.pt
+METRICS = Path("metrics")
+SPLIT_REPORT = METRICS / "split.json"
+FLOPS = METRICS / "flops.json"
+PLOTS = Path("plots")
+
+
+def model_dir(variant: str) -> Path:
+    return MODELS / variant
+
+
+def train_dir(variant: str) -> Path:
+    """DVCLive folder of a variant's training: metrics.json, plots/metrics/*.tsv."""
+    return METRICS / "train" / variant
+
+
+def eval_dir(variant: str) -> Path:
+    """A variant's test results: metrics.json, predictions.csv, plots/sklearn/*.json."""
+    return METRICS / "evaluate" / variant

@@ -1,0 +1,203 @@
+"""Stage `train@<variant>`: train one variant; keep its best and last checkpoints.
+
+The variant's settings are `train` with `experiments.<variant>` merged over
+it. Every epoch trains on `subset=train` of the training split, scores the
+validation hold-out (`subset=val`) and logs to DVCLive (`metrics/train/<variant>`):
+loss, accuracy and F1 on train and validation, learning rate, images/s.
+The best epoch is chosen on validation (`train.select_metric`, ties to the
+lower validation loss), never on the test set.
+
+With `train.log_test_curve` the test set is also scored each epoch and
+logged as `test_curve/*`, only to compare with the study, which picked its
+epoch by test F1; the summary records that epoch as `study_protocol`.
+
+Writes `models/<variant>/best.pt` and `last.pt`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+from dvclive import Live
+
+from stages import paths
+from stages.config import TrainParams, load_params
+from stages.datasets import (
+    ImageArrayDataset,
+    auto_workers,
+    build_augment,
+    load_split,
+    make_loader,
+    prepared_image_size,
+    set_epoch,
+)
+from stages.engine import confusion_summary, predict, train_one_epoch
+from stages.errors import UserError, run_stage
+from stages.losses import StudyLoss
+from stages.metrics import classification_metrics
+from stages.models import build_model, checkpoint_meta, count_parameters, save_checkpoint
+from stages.runtime import seed_all, setup, teardown
+
+HIGHER_IS_BETTER = {"f1": True, "accuracy": True, "roc_auc": True, "loss": False}
+
+
+def make_optimizer(params, cfg: TrainParams) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.9)
+
+
+def selection_key(metrics: dict, metric: str) -> tuple[float, float]:
+    """Larger is better: the selection metric, then the lower validation loss."""
+    value = metrics.get(metric)
+    value = -math.inf if value is None else value
+    return (value if HIGHER_IS_BETTER[metric] else -value, -metrics["loss"])
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variant", help="a key of `experiments` in params.yaml")
+    args = parser.parse_args(argv)
+
+    params = load_params()
+    cfg = params.variant(args.variant)
+    data = params.data
+    rt = setup(cfg.device, cfg.amp, cfg.channels_last, cfg.deterministic)
+    try:
+        _train(args.variant, cfg, data, rt)
+    finally:
+        teardown()
+
+
+def _train(variant: str, cfg: TrainParams, data, rt) -> None:
+    seed_all(cfg.seed)
+    train_split = load_split("train")
+    test_split = load_split("test")
+    classes = train_split.classes
+    positive = classes.index(data.positive_class)
+    fit, val = train_split.subset("train"), train_split.subset("val")
+    if len(fit) == 0:
+        raise UserError(f"{paths.PREPARED}/train.csv has no rows with subset=train; "
+                        "lower data.val_fraction")
+
+    augment = build_augment(cfg.augmentations)
+    workers = auto_workers(cfg.num_workers, rt.device, augment is not None)
+    loader = make_loader(ImageArrayDataset(fit, augment), cfg.batch_size, shuffle=True, seed=cfg.seed,
+                         workers=workers, device=rt.device, distributed=rt.distributed)
+    eval_batch = max(cfg.batch_size, 64)
+    val_loader = make_loader(ImageArrayDataset(val), eval_batch, shuffle=False, seed=cfg.seed,
+                             workers=0, device=rt.device) if len(val) else None
+    test_loader = make_loader(ImageArrayDataset(test_split), eval_batch, shuffle=False, seed=cfg.seed,
+                              workers=0, device=rt.device) if cfg.log_test_curve else None
+
+    model = build_model(cfg.arch, len(classes), cfg.dropout, cfg.pretrained).to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = StudyLoss(model, cfg.l2_penalty)
+    optimizer = make_optimizer(model.parameters(), cfg)
+    net = model
+    if rt.distributed:
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+
+    meta = checkpoint_meta(cfg.arch, cfg.dropout, classes, prepared_image_size(), data.mean, data.std,
+                           variant=variant)
+    out_dir = paths.model_dir(variant)
+    if rt.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        print(f"train {variant}: {cfg.arch}, {count_parameters(model):,} parameters, on {rt.describe()}; "
+              f"{len(fit)} training and {len(val)} validation images, batch {cfg.batch_size}"
+              f"{f' x {cfg.accumulate_steps} steps' if cfg.accumulate_steps > 1 else ''}"
+              f"{f' x {rt.world_size} processes' if rt.distributed else ''}, {workers} loader workers")
+        if not len(val):
+            print(f"train {variant}: data.val_fraction is 0, so there is no validation set; "
+                  "the last epoch stands in for the best")
+
+    live = Live(str(paths.train_dir(variant)), dvcyaml=False, save_dvc_exp=False) if rt.is_main else None
+    best_key, best, study = None, None, None
+    started = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        seed_all(cfg.seed, epoch)
+        set_epoch(loader, epoch)
+        stats = train_one_epoch(net, loader, optimizer, loss_fn, rt, data.mean, data.std, len(classes),
+                                cfg.accumulate_steps, desc=f"{variant} epoch {epoch}/{cfg.epochs}")
+        if not rt.is_main:
+            if rt.distributed:
+                torch.distributed.barrier()
+            continue
+
+        row = {"train/loss": stats["loss"], **{f"train/{k}": v for k, v in
+                                                 confusion_summary(stats["confusion"], positive).items()}}
+        val_metrics = None
+        if val_loader is not None:
+            prob, y = predict(model, val_loader, rt, data.mean, data.std)
+            val_metrics = classification_metrics(y, prob, classes, data.positive_class)
+            row.update({f"val/{k}": val_metrics[k] for k in ("loss", "accuracy", "f1", "roc_auc")})
+        if test_loader is not None:
+            prob, y = predict(model, test_loader, rt, data.mean, data.std)
+            test_metrics = classification_metrics(y, prob, classes, data.positive_class)
+            row.update({f"test_curve/{k}": test_metrics[k] for k in ("accuracy", "f1")})
+            if study is None or test_metrics["f1"] > study["test_f1"]:
+                study = {"epoch": epoch, "test_accuracy": test_metrics["accuracy"],
+                         "test_f1": test_metrics["f1"], "confusion_matrix": test_metrics["confusion_matrix"]}
+        row["lr"] = optimizer.param_groups[0]["lr"]
+        row["images_per_s"] = stats["images_per_s"]
+        for name, value in row.items():
+            if value is not None:
+                live.log_metric(name, value, plot=True)
+
+        summary = {"epoch": epoch, "val": _brief(val_metrics)}
+        save_checkpoint(out_dir / "last.pt", model, meta, epoch=epoch, metrics=summary,
+                        optimizer=optimizer.state_dict())
+        key = selection_key(val_metrics, cfg.select_metric) if val_metrics else (epoch, 0.0)
+        if best_key is None or key > best_key:
+            best_key, best = key, summary
+            save_checkpoint(out_dir / "best.pt", model, meta, epoch=epoch, metrics=summary)
+
+        elapsed = time.perf_counter() - started
+        eta = elapsed / epoch * (cfg.epochs - epoch)
+        val_text = (f" | val loss {val_metrics['loss']:.4f} acc {val_metrics['accuracy']:.4f} "
+                    f"f1 {val_metrics['f1']:.4f}" if val_metrics else "")
+        print(f"{variant} epoch {epoch}/{cfg.epochs}: train loss {stats['loss']:.4f} "
+              f"acc {row['train/accuracy']:.4f}{val_text} | {stats['images_per_s']:.1f} img/s | "
+              f"elapsed {format_eta(elapsed)}, ETA {format_eta(eta)}", flush=True)
+        live.next_step()
+        if rt.distributed:
+            torch.distributed.barrier()
+
+    if live is not None:
+        live.summary["best"] = best
+        live.summary["select_metric"] = f"val/{cfg.select_metric}"
+        if study is not None:
+            live.summary["study_protocol"] = {
+                **study, "note": "epoch chosen by test F1 as in the study; leaks the test set, for comparison only"}
+        live.end()
+        print(f"train {variant}: best epoch {best['epoch']} by val/{cfg.select_metric}; "
+              f"checkpoints in {out_dir}")
+
+
+def _brief(metrics: dict | None) -> dict | None:
+    if metrics is None:
+        return None
+    return {k: metrics[k] for k in ("loss", "accuracy", "f1", "sensitivity", "specificity", "roc_auc")}
+
+
+if __name__ == "__main__":
+    run_stage(main, "train")
