@@ -29,6 +29,7 @@ from stages import paths
 from stages.config import TrainParams, load_params
 from stages.datasets import (
     ImageArrayDataset,
+    Split,
     auto_workers,
     build_augment,
     load_split,
@@ -41,7 +42,7 @@ from stages.errors import UserError, run_stage
 from stages.losses import StudyLoss
 from stages.metrics import classification_metrics
 from stages.models import build_model, checkpoint_meta, count_parameters, save_checkpoint
-from stages.runtime import seed_all, setup, teardown
+from stages.runtime import Runtime, seed_all, setup, teardown
 
 HIGHER_IS_BETTER = {"f1": True, "accuracy": True, "roc_auc": True, "loss": False}
 
@@ -52,6 +53,23 @@ def make_optimizer(params, cfg: TrainParams) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.9)
+
+
+def make_loaders(cfg: TrainParams, fit: Split, val: Split, test: Split, rt: Runtime):
+    """Training loader (augmented, shuffled, sharded under DDP); validation and test
+    loaders (never augmented; the test loader only when `log_test_curve`)."""
+    augment = build_augment(cfg.augmentations)
+    workers = auto_workers(cfg.num_workers, rt.device, augment is not None)
+    loader = make_loader(ImageArrayDataset(fit, augment), cfg.batch_size, shuffle=True, seed=cfg.seed,
+                         workers=workers, device=rt.device, distributed=rt.distributed)
+    eval_batch = max(cfg.batch_size, 64)
+
+    def plain(split: Split):
+        return make_loader(ImageArrayDataset(split), eval_batch, shuffle=False, seed=cfg.seed,
+                           workers=0, device=rt.device)
+
+    return (loader, plain(val) if len(val) else None,
+            plain(test) if cfg.log_test_curve else None)
 
 
 def selection_key(metrics: dict, metric: str) -> tuple[float, float]:
@@ -94,15 +112,8 @@ def _train(variant: str, cfg: TrainParams, data, rt) -> None:
         raise UserError(f"{paths.PREPARED}/train.csv has no rows with subset=train; "
                         "lower data.val_fraction")
 
-    augment = build_augment(cfg.augmentations)
-    workers = auto_workers(cfg.num_workers, rt.device, augment is not None)
-    loader = make_loader(ImageArrayDataset(fit, augment), cfg.batch_size, shuffle=True, seed=cfg.seed,
-                         workers=workers, device=rt.device, distributed=rt.distributed)
-    eval_batch = max(cfg.batch_size, 64)
-    val_loader = make_loader(ImageArrayDataset(val), eval_batch, shuffle=False, seed=cfg.seed,
-                             workers=0, device=rt.device) if len(val) else None
-    test_loader = make_loader(ImageArrayDataset(test_split), eval_batch, shuffle=False, seed=cfg.seed,
-                              workers=0, device=rt.device) if cfg.log_test_curve else None
+    loader, val_loader, test_loader = make_loaders(cfg, fit, val, test_split, rt)
+    workers = loader.num_workers
 
     model = build_model(cfg.arch, len(classes), cfg.dropout, cfg.pretrained).to(rt.device)
     if rt.channels_last:

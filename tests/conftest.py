@@ -1,0 +1,100 @@
+"""Shared fixtures: a scratch copy of the project, params edits, DVC/stage runners."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+MINI = SHARED_DATA / "tb-cxr-mini"
+PROJECT_FILES = ("stages", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/plots", ".dvcignore", ".gitignore")
+
+# Small enough for two CPU cores: 32 px images, ResNet-18, two epochs.
+TINY = {
+    "data.image_size": 32,
+    "train.arch": "resnet18",
+    "train.epochs": 2,
+    "train.batch_size": 8,
+    "evaluate.batch_size": 32,
+}
+
+
+def set_params(params_file: Path, changes: dict) -> None:
+    """Edit params.yaml: `{"train.lr": 0.1}` sets params['train']['lr']."""
+    params = yaml.safe_load(params_file.read_text())
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split(".")
+        node = params
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def env(extra: dict | None = None) -> dict:
+    """The environment for subprocesses: this interpreter first on PATH, no analytics."""
+    e = {**os.environ, **(extra or {})}
+    e["PATH"] = os.path.dirname(sys.executable) + os.pathsep + e.get("PATH", "")
+    e["DVC_NO_ANALYTICS"] = "1"
+    e["PYTHONUNBUFFERED"] = "1"
+    e.pop("PYTHONPATH", None)
+    return e
+
+
+def run(args: list[str], cwd: Path, check: bool = True, timeout: int = 900,
+        extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, cwd=cwd, env=env(extra_env), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "dvc", *args], cwd=cwd, check=check)
+
+
+def stage(module: str, *args: str, cwd: Path, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a stage's module as DVC would; `env` adds environment variables."""
+    return run([sys.executable, "-m", f"stages.{module}", *args], cwd=cwd, check=check, extra_env=env)
+
+
+def copy_project(dest: Path) -> Path:
+    """The project's code and pipeline (no data, models or outputs) in `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def git_repo(path: Path) -> None:
+    """Make `path` a git repository with one commit (CI may have no git identity)."""
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.name", "Test"],
+                ["git", "config", "user.email", "test@example.com"],
+                ["git", "config", "commit.gpgsign", "false"],
+                ["git", "add", "-A"], ["git", "commit", "-qm", "project"]):
+        run(cmd, cwd=path)
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    """A copy of the project in a temporary folder (not yet a git repository)."""
+    return copy_project(tmp_path / "project")
+
+
+@pytest.fixture
+def in_project(project, monkeypatch) -> Path:
+    """Like `project`, and the current directory (stage `main()`s read ./params.yaml)."""
+    monkeypatch.chdir(project)
+    return project
