@@ -152,7 +152,7 @@ class TrainParams(_Section):
     weight_decay: float = Field(ge=0)
     l2_penalty: float = Field(ge=0)
     augment: dict[str, Optional[dict[str, Any]]]
-    seed: int = Field(ge=0)
+    seeds: list[int] = Field(min_length=1)
     select_metric: Literal["f1", "accuracy", "roc_auc", "loss"]
     log_test_curve: bool
     device: str
@@ -162,6 +162,13 @@ class TrainParams(_Section):
     compile: bool
     deterministic: Union[bool, Literal["auto"]]
     accumulate_steps: int = Field(gt=0)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_distinct(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+            raise ValueError("seeds must be distinct integers >= 0")
+        return seeds
 
     @field_validator("arch")
     @classmethod
@@ -201,8 +208,27 @@ class TrainParams(_Section):
         return {name: dict(kw) for name, kw in self.augment.items() if kw is not None}
 
 
+class TppParams(_Section):
+    sensitivity: float = Field(gt=0, le=1)
+    specificity: float = Field(gt=0, le=1)
+
+
 class EvaluateParams(_Section):
     batch_size: int = Field(gt=0)
+    target_sensitivity: float = Field(gt=0, le=1)
+    who_tpp: TppParams
+    calibration_bins: int = Field(ge=2, le=100)
+
+
+class StatsParams(_Section):
+    ci_level: float = Field(gt=0.5, lt=1)
+    resamples: int = Field(ge=100)
+    seed: int = Field(ge=0)
+    alpha: float = Field(gt=0, lt=0.5)
+
+
+class CompareParams(_Section):
+    reference: str
 
 
 class _ParamsFile(_Section):
@@ -210,6 +236,15 @@ class _ParamsFile(_Section):
     train: dict[str, Any]
     experiments: dict[str, dict[str, Any]] = Field(min_length=1)
     evaluate: EvaluateParams
+    stats: StatsParams
+    compare: CompareParams
+
+    @model_validator(mode="after")
+    def _reference_is_a_variant(self) -> "_ParamsFile":
+        if self.compare.reference not in self.experiments:
+            raise ValueError(f"compare.reference {self.compare.reference!r} is not one of the experiments "
+                             f"{list(self.experiments)}")
+        return self
 
 
 class Params:
@@ -219,6 +254,8 @@ class Params:
         self.raw = raw
         self.data = parsed.data
         self.evaluate = parsed.evaluate
+        self.stats = parsed.stats
+        self.compare = parsed.compare
         self.variants = variants
         self.train = _validate_train(dict(parsed.train), "train")
 

@@ -1,14 +1,22 @@
-"""Stage `evaluate@<variant>`: score the best and last checkpoints on the test set.
+"""Stage `evaluate@<variant>`: score the best and last checkpoints of every seed on the test set.
 
 Writes to `metrics/evaluate/<variant>/`:
 - `metrics.json`: for `best` (the epoch chosen on validation) and `last`,
-  accuracy, the positive class's F1, sensitivity, specificity and precision,
-  ROC AUC, macro averages, per-class values keyed by class name, and the
-  confusion matrix {true: {predicted: count}};
-- `predictions.csv`: per test image, the class probabilities and prediction
-  of each checkpoint;
+  at the argmax (0.5) decision: accuracy, the positive class's F1,
+  sensitivity, specificity and precision, ROC AUC, macro averages, each with
+  its bootstrap interval beside it (`accuracy_ci`); per-class values keyed by
+  class name; the confusion matrix {true: {predicted: count}}; the expected
+  calibration error; and `operating_point`: the threshold chosen on
+  validation for `evaluate.target_sensitivity`, the test sensitivity and
+  specificity there (with intervals) and whether they meet the WHO target
+  product profile. With several seeds: the mean over seeds, `_sd` across
+  seeds, and each seed's own report under `per_seed`;
+- `predictions.csv`: per seed and test image, each checkpoint's class
+  probabilities and prediction, and the best checkpoint's decision at the
+  operating threshold;
+- `calibration.csv`: the reliability bins of each seed's best checkpoint;
 - `plots/sklearn/`: DVCLive's confusion matrix, ROC and precision-recall of
-  the best checkpoint.
+  the first seed's best checkpoint.
 """
 
 from __future__ import annotations
@@ -27,9 +35,9 @@ from stages.datasets import ImageArrayDataset, load_split, make_loader, prepared
 from stages.engine import predict
 from stages.errors import UserError, run_stage
 from stages.fsio import atomic_file, write_json
-from stages.metrics import classification_metrics
 from stages.models import load_checkpoint, model_from_checkpoint
 from stages.runtime import setup
+from stages.scoring import seed_report, seeds_report
 
 CHECKPOINTS = ("best", "last")
 
@@ -46,18 +54,11 @@ def load_for_test(path, classes: list[str], image_size: int) -> dict:
     return ckpt
 
 
-def write_predictions(path, rows: list[dict], classes: list[str], probs: dict[str, np.ndarray]) -> None:
+def write_rows(path, header: list[str], rows: list[list]) -> None:
     with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        header = ["filename", "class", "label"]
-        for which in probs:
-            header += [f"{which}_prob_{c}" for c in classes] + [f"{which}_predicted"]
         writer.writerow(header)
-        for i, r in enumerate(rows):
-            line = [r["filename"], r["class"], r["label"]]
-            for prob in probs.values():
-                line += [f"{p:.6f}" for p in prob[i]] + [classes[int(prob[i].argmax())]]
-            writer.writerow(line)
+        writer.writerows(rows)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -65,48 +66,105 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("variant", help="a key of `experiments` in params.yaml")
     args = parser.parse_args(argv)
     params = load_params()
-    params.variant(args.variant)  # an unknown variant is an error
+    seeds = params.variant(args.variant).seeds
     run = params.train  # the shared runtime settings: device, precision, determinism
     rt = setup(run.device, run.amp, run.channels_last, run.deterministic)
+    ev, st, positive = params.evaluate, params.stats, params.data.positive_class
 
-    test = load_split("test")
+    test, val = load_split("test"), load_split("train").subset("val")
     classes = test.classes
-    positive = params.data.positive_class
-    loader = make_loader(ImageArrayDataset(test), params.evaluate.batch_size, shuffle=False, seed=0,
-                         workers=0, device=rt.device)
     image_size = prepared_image_size()
+    loaders = {name: make_loader(ImageArrayDataset(split), ev.batch_size, shuffle=False, seed=0, workers=0,
+                                 device=rt.device) for name, split in (("test", test), ("val", val)) if len(split)}
+    y, y_val = test.labels, (val.labels if len(val) else None)
 
-    results, probs = {}, {}
+    probs: dict[str, dict[int, np.ndarray]] = {w: {} for w in CHECKPOINTS}
+    val_probs: dict[str, dict[int, np.ndarray]] = {w: {} for w in CHECKPOINTS}
+    epochs: dict[str, dict[int, int]] = {w: {} for w in CHECKPOINTS}
+    for seed in seeds:
+        for which in CHECKPOINTS:
+            path = paths.checkpoint(args.variant, seed, which)
+            ckpt = load_for_test(path, classes, image_size)
+            model = model_from_checkpoint(ckpt, path).to(rt.device)
+            if rt.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            norm = (ckpt["mean"], ckpt["std"])
+            probs[which][seed] = predict(model, loaders["test"], rt, *norm, desc=f"test seed {seed} {which}")[0]
+            if "val" in loaders:
+                val_probs[which][seed] = predict(model, loaders["val"], rt, *norm)[0]
+            epochs[which][seed] = int(ckpt["epoch"])
+
+    report: dict = {"seeds": seeds,
+                    "method": (f"{st.ci_level:.0%} intervals: stratified bootstrap, {st.resamples} resamples, "
+                               f"percentile; headline metrics at the argmax (0.5) decision")}
+    per_seed: dict[str, dict] = {f"seed_{s}": {} for s in seeds}
+    bins: dict[int, list[dict]] = {}
     for which in CHECKPOINTS:
-        path = paths.model_dir(args.variant) / f"{which}.pt"
-        ckpt = load_for_test(path, classes, image_size)
-        model = model_from_checkpoint(ckpt, path).to(rt.device)
-        if rt.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        prob, y = predict(model, loader, rt, ckpt["mean"], ckpt["std"], desc=f"evaluate {which}")
-        probs[which] = prob
-        results[which] = {"epoch": int(ckpt["epoch"]),
-                          **classification_metrics(y, prob, classes, positive)}
+        seed_reports = []
+        for seed in seeds:
+            r, b = seed_report(y, probs[which][seed], y_val, val_probs[which].get(seed), classes, positive, ev, st)
+            r = {"epoch": epochs[which][seed], **r}
+            seed_reports.append(r)
+            per_seed[f"seed_{seed}"][which] = r
+            if which == "best":
+                bins[seed] = b
+        if len(seeds) == 1:
+            report[which] = seed_reports[0]
+        else:
+            report[which] = seeds_report(y, [probs[which][s] for s in seeds], y_val,
+                                         [val_probs[which][s] for s in seeds] if y_val is not None else None,
+                                         seed_reports, classes, positive, ev, st)
+    if len(seeds) > 1:
+        report["per_seed"] = per_seed
 
     out = paths.eval_dir(args.variant)
     out.mkdir(parents=True, exist_ok=True)
-    y_true = test.labels
-    best = probs["best"].astype(np.float64)  # DVCLive writes JSON: no float32
-    live = Live(str(out), dvcyaml=False, save_dvc_exp=False)
-    live.log_sklearn_plot("confusion_matrix", [classes[i] for i in y_true],
-                          [classes[i] for i in best.argmax(1)], name="confusion_matrix.json")
+    first = probs["best"][seeds[0]].astype(np.float64)  # DVCLive writes JSON: no float32
     pos = classes.index(positive)
-    live.log_sklearn_plot("roc", (y_true == pos).astype(int), best[:, pos], name="roc.json")
-    live.log_sklearn_plot("precision_recall", (y_true == pos).astype(int), best[:, pos],
-                          name="precision_recall.json")
+    live = Live(str(out), dvcyaml=False, save_dvc_exp=False)
+    live.log_sklearn_plot("confusion_matrix", [classes[i] for i in y], [classes[i] for i in first.argmax(1)],
+                          name="confusion_matrix.json")
+    live.log_sklearn_plot("roc", (y == pos).astype(int), first[:, pos], name="roc.json")
+    live.log_sklearn_plot("precision_recall", (y == pos).astype(int), first[:, pos], name="precision_recall.json")
     live.end()
-    write_predictions(out / "predictions.csv", test.rows, classes, probs)
-    write_json(out / "metrics.json", results)  # after live.end(), which writes an empty one
-    for which, m in results.items():
+
+    header = ["seed", "filename", "class", "label"]
+    for which in CHECKPOINTS:
+        header += [f"{which}_prob_{c}" for c in classes] + [f"{which}_predicted"]
+    header += ["best_threshold", "best_decision"]
+    rows = []
+    for seed in seeds:
+        op = per_seed[f"seed_{seed}"]["best"].get("operating_point")
+        threshold = op["threshold"] if op else None
+        for i, r in enumerate(test.rows):
+            line = [seed, r["filename"], r["class"], r["label"]]
+            for which in CHECKPOINTS:
+                p = probs[which][seed][i]
+                line += [f"{v:.6f}" for v in p] + [classes[int(p.argmax())]]
+            p = probs["best"][seed][i]
+            decision = classes[int(p.argmax())] if threshold is None else \
+                classes[pos] if p[pos] >= threshold else classes[1 - pos]
+            line += ["" if threshold is None else f"{threshold:.6f}", decision]
+            rows.append(line)
+    write_rows(out / "predictions.csv", header, rows)
+    write_rows(out / "calibration.csv", ["seed", "bin", "low", "high", "count", "confidence", "accuracy"],
+               [[s, b["bin"], b["low"], b["high"], b["count"], "" if b["confidence"] is None else b["confidence"],
+                 "" if b["accuracy"] is None else b["accuracy"]] for s, table in bins.items() for b in table])
+    write_json(out / "metrics.json", report)  # after live.end(), which writes an empty one
+
+    for which in CHECKPOINTS:
+        m = report[which]
+        ci = m["accuracy_ci"]
         auc = f"{m['roc_auc']:.4f}" if m["roc_auc"] is not None else "n/a"
-        print(f"evaluate {args.variant} {which} (epoch {m['epoch']}): accuracy {m['accuracy']:.4f}, "
-              f"F1({positive}) {m['f1']:.4f}, sensitivity {m['sensitivity']:.4f}, "
-              f"specificity {m['specificity']:.4f}, ROC AUC {auc}")
+        line = (f"evaluate {args.variant} {which}: accuracy {m['accuracy']:.4f} "
+                f"[{ci['low']:.4f}, {ci['high']:.4f}], F1({positive}) {m['f1']:.4f}, "
+                f"sensitivity {m['sensitivity']:.4f}, specificity {m['specificity']:.4f}, ROC AUC {auc}, "
+                f"ECE {m['ece']:.4f}")
+        op = m.get("operating_point")
+        if op:
+            line += (f"; at threshold {op['threshold']:.3f}: sensitivity {op['test']['sensitivity']:.4f}, "
+                     f"specificity {op['test']['specificity']:.4f}, WHO TPP {'met' if op['meets_who_tpp'] else 'not met'}")
+        print(line)
 
 
 if __name__ == "__main__":

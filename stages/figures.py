@@ -126,3 +126,26 @@ def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float | None]], p
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     _save(fig, path)
+
+
+def reliability(diagrams: dict[str, tuple[list[dict], float]], path: Path) -> None:
+    """Reliability diagram per variant: accuracy against mean confidence in each bin."""
+    variants = list(diagrams)
+    fig, axes = plt.subplots(1, len(variants), figsize=(3.2 * len(variants), 3.5), squeeze=False)
+    for ax, v in zip(axes[0], variants):
+        bins, ece = diagrams[v]
+        used = [b for b in bins if int(b["count"]) > 0]
+        conf = [float(b["confidence"]) for b in used]
+        acc = [float(b["accuracy"]) for b in used]
+        width = float(bins[0]["high"]) - float(bins[0]["low"])
+        ax.bar([float(b["low"]) for b in used], acc, width=width, align="edge", alpha=0.35,
+               edgecolor="tab:blue", label="accuracy in bin")
+        ax.plot(conf, acc, "o-", color="tab:blue", ms=3)
+        ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (top-label probability)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{v}\nECE {ece:.4f}", fontsize=9)
+    fig.suptitle("Reliability on the test set (best epoch on validation)")
+    _save(fig, path)

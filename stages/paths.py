@@ -11,10 +11,12 @@ TEST_CSV = SPLIT / "test.csv"
 DATASET = DATA / "dataset"  # prepare: <split>/<class>/<file>
 PREPARED = DATA / "prepared"  # preprocess: <split>.npy + <split>.csv + meta.json
 
-MODELS = Path("models")  # train: <variant>/best.pt, last.pt
+MODELS = Path("models")  # train: <variant>/seed_<seed>/best.pt, last.pt
 METRICS = Path("metrics")
 SPLIT_REPORT = METRICS / "split.json"
 FLOPS = METRICS / "flops.json"
+COMPARISON = METRICS / "comparison.json"
+COMPARISON_TABLE = METRICS / "comparison.md"
 PLOTS = Path("plots")
 
 
@@ -22,9 +24,19 @@ def model_dir(variant: str) -> Path:
     return MODELS / variant
 
 
+def checkpoint(variant: str, seed: int, which: str) -> Path:
+    """`which` is best (the epoch chosen on validation) or last."""
+    return MODELS / variant / f"seed_{seed}" / f"{which}.pt"
+
+
 def train_dir(variant: str) -> Path:
-    """DVCLive folder of a variant's training: metrics.json, plots/metrics/*.tsv."""
+    """A variant's training summary (metrics.json) and per-seed logs (seeds/)."""
     return METRICS / "train" / variant
+
+
+def train_log(variant: str, seed: int) -> Path:
+    """DVCLive folder of one training run: metrics.json, plots/metrics/**/*.tsv."""
+    return METRICS / "train" / variant / "seeds" / f"seed_{seed}"
 
 
 def eval_dir(variant: str) -> Path:

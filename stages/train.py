@@ -2,7 +2,7 @@
 
 The variant's settings are `train` with `experiments.<variant>` merged over
 it. Every epoch trains on `subset=train` of the training split, scores the
-validation hold-out (`subset=val`) and logs to DVCLive (`metrics/train/<variant>`):
+validation hold-out (`subset=val`) and logs to DVCLive:
 loss, accuracy and F1 on train and validation, learning rate, images/s.
 The best epoch is chosen on validation (`train.select_metric`, ties to the
 lower validation loss), never on the test set.
@@ -11,7 +11,10 @@ With `train.log_test_curve` the test set is also scored each epoch and
 logged as `test_curve/*`, only to compare with the study, which picked its
 epoch by test F1; the summary records that epoch as `study_protocol`.
 
-Writes `models/<variant>/best.pt` and `last.pt`.
+With several `train.seeds`, the variant is trained once per seed, one after
+the other. Writes `models/<variant>/seed_<seed>/best.pt` and `last.pt`, the
+DVCLive log of each run in `metrics/train/<variant>/seeds/seed_<seed>/`, and
+the runs' best epochs in `metrics/train/<variant>/metrics.json`.
 """
 
 from __future__ import annotations
@@ -21,12 +24,11 @@ import math
 import time
 from typing import Sequence
 
-import numpy as np
 import torch
 from dvclive import Live
 
 from stages import paths
-from stages.config import TrainParams, load_params
+from stages.config import DataParams, TrainParams, load_params
 from stages.datasets import (
     ImageArrayDataset,
     Split,
@@ -39,6 +41,7 @@ from stages.datasets import (
 )
 from stages.engine import confusion_summary, predict, train_one_epoch
 from stages.errors import UserError, run_stage
+from stages.fsio import write_json
 from stages.losses import StudyLoss
 from stages.metrics import classification_metrics
 from stages.models import build_model, checkpoint_meta, count_parameters, save_checkpoint
@@ -55,17 +58,17 @@ def make_optimizer(params, cfg: TrainParams) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.9)
 
 
-def make_loaders(cfg: TrainParams, fit: Split, val: Split, test: Split, rt: Runtime):
+def make_loaders(cfg: TrainParams, fit: Split, val: Split, test: Split, rt: Runtime, seed: int):
     """Training loader (augmented, shuffled, sharded under DDP); validation and test
     loaders (never augmented; the test loader only when `log_test_curve`)."""
     augment = build_augment(cfg.augmentations)
     workers = auto_workers(cfg.num_workers, rt.device, augment is not None)
-    loader = make_loader(ImageArrayDataset(fit, augment), cfg.batch_size, shuffle=True, seed=cfg.seed,
+    loader = make_loader(ImageArrayDataset(fit, augment), cfg.batch_size, shuffle=True, seed=seed,
                          workers=workers, device=rt.device, distributed=rt.distributed)
     eval_batch = max(cfg.batch_size, 64)
 
     def plain(split: Split):
-        return make_loader(ImageArrayDataset(split), eval_batch, shuffle=False, seed=cfg.seed,
+        return make_loader(ImageArrayDataset(split), eval_batch, shuffle=False, seed=seed,
                            workers=0, device=rt.device)
 
     return (loader, plain(val) if len(val) else None,
@@ -93,27 +96,30 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     params = load_params()
     cfg = params.variant(args.variant)
-    data = params.data
     rt = setup(cfg.device, cfg.amp, cfg.channels_last, cfg.deterministic)
     try:
-        _train(args.variant, cfg, data, rt)
+        train_split, test_split = load_split("train"), load_split("test")
+        fit, val = train_split.subset("train"), train_split.subset("val")
+        if len(fit) == 0:
+            raise UserError(f"{paths.PREPARED}/train.csv has no rows with subset=train; lower data.val_fraction")
+        runs = {}
+        for i, seed in enumerate(cfg.seeds):
+            runs[f"seed_{seed}"] = train_run(args.variant, cfg, seed, params.data, rt, fit, val, test_split,
+                                             runs_after=len(cfg.seeds) - 1 - i)
+        if rt.is_main:
+            write_json(paths.train_dir(args.variant) / "metrics.json",
+                       {"select_metric": f"val/{cfg.select_metric}", "seeds": runs})
     finally:
         teardown()
 
 
-def _train(variant: str, cfg: TrainParams, data, rt) -> None:
-    seed_all(cfg.seed)
-    train_split = load_split("train")
-    test_split = load_split("test")
-    classes = train_split.classes
+def train_run(variant: str, cfg: TrainParams, seed: int, data: DataParams, rt: Runtime,
+              fit: Split, val: Split, test: Split, runs_after: int = 0) -> dict | None:
+    """Train one seed of a variant; returns its summary (on rank 0)."""
+    seed_all(seed)
+    classes = fit.classes
     positive = classes.index(data.positive_class)
-    fit, val = train_split.subset("train"), train_split.subset("val")
-    if len(fit) == 0:
-        raise UserError(f"{paths.PREPARED}/train.csv has no rows with subset=train; "
-                        "lower data.val_fraction")
-
-    loader, val_loader, test_loader = make_loaders(cfg, fit, val, test_split, rt)
-    workers = loader.num_workers
+    loader, val_loader, test_loader = make_loaders(cfg, fit, val, test, rt, seed)
 
     model = build_model(cfg.arch, len(classes), cfg.dropout, cfg.pretrained).to(rt.device)
     if rt.channels_last:
@@ -129,29 +135,28 @@ def _train(variant: str, cfg: TrainParams, data, rt) -> None:
         net = torch.compile(net)
 
     meta = checkpoint_meta(cfg.arch, cfg.dropout, classes, prepared_image_size(), data.mean, data.std,
-                           variant=variant)
-    out_dir = paths.model_dir(variant)
+                           variant=variant, seed=seed)
+    name = f"{variant} seed {seed}"
     if rt.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        print(f"train {variant}: {cfg.arch}, {count_parameters(model):,} parameters, on {rt.describe()}; "
+        paths.checkpoint(variant, seed, "best").parent.mkdir(parents=True, exist_ok=True)
+        print(f"train {name}: {cfg.arch}, {count_parameters(model):,} parameters, on {rt.describe()}; "
               f"{len(fit)} training and {len(val)} validation images, batch {cfg.batch_size}"
               f"{f' x {cfg.accumulate_steps} steps' if cfg.accumulate_steps > 1 else ''}"
-              f"{f' x {rt.world_size} processes' if rt.distributed else ''}, {workers} loader workers")
+              f"{f' x {rt.world_size} processes' if rt.distributed else ''}, {loader.num_workers} loader workers")
         if not len(val):
-            print(f"train {variant}: data.val_fraction is 0, so there is no validation set; "
+            print(f"train {name}: data.val_fraction is 0, so there is no validation set; "
                   "the last epoch stands in for the best")
 
-    live = Live(str(paths.train_dir(variant)), dvcyaml=False, save_dvc_exp=False) if rt.is_main else None
+    live = Live(str(paths.train_log(variant, seed)), dvcyaml=False, save_dvc_exp=False) if rt.is_main else None
     best_key, best, study = None, None, None
     started = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
-        seed_all(cfg.seed, epoch)
+        seed_all(seed, epoch)
         set_epoch(loader, epoch)
         stats = train_one_epoch(net, loader, optimizer, loss_fn, rt, data.mean, data.std, len(classes),
-                                cfg.accumulate_steps, desc=f"{variant} epoch {epoch}/{cfg.epochs}")
+                                cfg.accumulate_steps, desc=f"{name} epoch {epoch}/{cfg.epochs}")
         if not rt.is_main:
-            if rt.distributed:
-                torch.distributed.barrier()
+            torch.distributed.barrier()
             continue
 
         row = {"train/loss": stats["loss"], **{f"train/{k}": v for k, v in
@@ -170,38 +175,39 @@ def _train(variant: str, cfg: TrainParams, data, rt) -> None:
                          "test_f1": test_metrics["f1"], "confusion_matrix": test_metrics["confusion_matrix"]}
         row["lr"] = optimizer.param_groups[0]["lr"]
         row["images_per_s"] = stats["images_per_s"]
-        for name, value in row.items():
+        for metric, value in row.items():
             if value is not None:
-                live.log_metric(name, value, plot=True)
+                live.log_metric(metric, value, plot=True)
 
         summary = {"epoch": epoch, "val": _brief(val_metrics)}
-        save_checkpoint(out_dir / "last.pt", model, meta, epoch=epoch, metrics=summary,
+        save_checkpoint(paths.checkpoint(variant, seed, "last"), model, meta, epoch=epoch, metrics=summary,
                         optimizer=optimizer.state_dict())
         key = selection_key(val_metrics, cfg.select_metric) if val_metrics else (epoch, 0.0)
         if best_key is None or key > best_key:
             best_key, best = key, summary
-            save_checkpoint(out_dir / "best.pt", model, meta, epoch=epoch, metrics=summary)
+            save_checkpoint(paths.checkpoint(variant, seed, "best"), model, meta, epoch=epoch, metrics=summary)
 
         elapsed = time.perf_counter() - started
-        eta = elapsed / epoch * (cfg.epochs - epoch)
+        eta = elapsed / epoch * (cfg.epochs - epoch + runs_after * cfg.epochs)
         val_text = (f" | val loss {val_metrics['loss']:.4f} acc {val_metrics['accuracy']:.4f} "
                     f"f1 {val_metrics['f1']:.4f}" if val_metrics else "")
-        print(f"{variant} epoch {epoch}/{cfg.epochs}: train loss {stats['loss']:.4f} "
+        print(f"{name} epoch {epoch}/{cfg.epochs}: train loss {stats['loss']:.4f} "
               f"acc {row['train/accuracy']:.4f}{val_text} | {stats['images_per_s']:.1f} img/s | "
               f"elapsed {format_eta(elapsed)}, ETA {format_eta(eta)}", flush=True)
         live.next_step()
         if rt.distributed:
             torch.distributed.barrier()
 
-    if live is not None:
-        live.summary["best"] = best
-        live.summary["select_metric"] = f"val/{cfg.select_metric}"
-        if study is not None:
-            live.summary["study_protocol"] = {
-                **study, "note": "epoch chosen by test F1 as in the study; leaks the test set, for comparison only"}
-        live.end()
-        print(f"train {variant}: best epoch {best['epoch']} by val/{cfg.select_metric}; "
-              f"checkpoints in {out_dir}")
+    if live is None:
+        return None
+    live.end()
+    result = {"best": best}
+    if study is not None:
+        result["study_protocol"] = {
+            **study, "note": "epoch chosen by test F1 as in the study; leaks the test set, for comparison only"}
+    print(f"train {name}: best epoch {best['epoch']} by val/{cfg.select_metric}; "
+          f"checkpoints in {paths.checkpoint(variant, seed, 'best').parent}")
+    return result
 
 
 def _brief(metrics: dict | None) -> dict | None:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.conftest import MINI, TINY, copy_project, dvc, git_repo, run, set_params
@@ -39,22 +42,23 @@ def reproduced(tmp_path_factory):
 
 def test_repro_runs_every_stage_and_writes_every_output(reproduced):
     project, output = reproduced
-    expected = {"download", "split", "prepare", "preprocess", "flops", "plots"}
+    expected = {"download", "split", "prepare", "preprocess", "compare", "flops", "plots"}
     expected |= {f"{s}@{v}" for s in ("train", "evaluate") for v in VARIANTS}
     assert ran_stages(output) == expected
 
     outputs = declared_outputs(project)
-    # download 1, split 2, prepare 1, preprocess 1, train 3 and evaluate 5 per variant, flops 1, plots 1
-    assert len(outputs) == 5 + 5 * (3 + 5) + 2
+    # download 1, split 2, prepare 1, preprocess 1, train 3 and evaluate 6 per variant,
+    # compare 2, flops 1, plots 1
+    assert len(outputs) == 5 + 5 * (3 + 6) + 4
     for path in outputs:
         assert path.exists(), path
     for v in VARIANTS:
         for name in ("best.pt", "last.pt"):
-            assert (project / "models" / v / name).is_file()
+            assert (project / "models" / v / "seed_42" / name).is_file()
         for name in ("confusion_matrix.json", "roc.json", "precision_recall.json"):
             assert (project / "metrics/evaluate" / v / "plots/sklearn" / name).is_file()
     for name in ("training_curves.png", "test_metrics.png", "confusion_matrices.png", "roc_curves.png",
-                 "summary.md", "data/curves.csv", "data/roc.csv"):
+                 "reliability.png", "summary.md", "data/curves.csv", "data/roc.csv"):
         assert (project / "plots" / name).is_file(), name
     assert "Data and pipelines are up to date" in dvc("status", cwd=project).stdout
 
@@ -65,26 +69,47 @@ def test_metrics_are_complete_and_in_range(reproduced):
     assert split["total"] == {"test": 12, "train": 48, "of_which_val": 4}  # 30 per class: 6 test, 24 train
     for v in VARIANTS:
         m = json.loads((project / "metrics/evaluate" / v / "metrics.json").read_text())
+        assert m["seeds"] == [42] and "per_seed" not in m
         for which in ("best", "last"):
             r = m[which]
             assert 1 <= r["epoch"] <= 2
             for key in ("accuracy", "f1", "sensitivity", "specificity", "precision", "roc_auc"):
                 assert 0 <= r[key] <= 1, (v, which, key)
+                assert r[key + "_ci"]["low"] <= r[key] <= r[key + "_ci"]["high"], (v, which, key)
+            assert r["macro"]["f1_ci"]["low"] <= r["macro"]["f1"] <= r["macro"]["f1_ci"]["high"]
             assert set(r["per_class"]["recall"]) == {"Healthy", "TB"}
             assert sum(sum(row.values()) for row in r["confusion_matrix"].values()) == 12
+            assert 0 <= r["ece"] <= 1
+            op = r["operating_point"]
+            assert 0 <= op["threshold"] <= 1 and op["val"]["sensitivity"] >= 0.9
+            assert op["test"]["sensitivity_ci"]["low"] <= op["test"]["sensitivity"] <= op["test"]["sensitivity_ci"]["high"]
+            assert op["meets_who_tpp"] == (op["test"]["sensitivity"] >= 0.9 and op["test"]["specificity"] >= 0.7)
         train = json.loads((project / "metrics/train" / v / "metrics.json").read_text())
-        assert train["best"]["epoch"] == m["best"]["epoch"]
-        assert train["study_protocol"]["epoch"] in (1, 2)
+        assert train["seeds"]["seed_42"]["best"]["epoch"] == m["best"]["epoch"]
+        assert train["seeds"]["seed_42"]["study_protocol"]["epoch"] in (1, 2)
         with open(project / "metrics/evaluate" / v / "predictions.csv") as f:
             rows = list(csv.DictReader(f))
-        assert len(rows) == 12
+        assert len(rows) == 12 and {r["seed"] for r in rows} == {"42"}
         for r in rows:
             assert float(r["best_prob_Healthy"]) + float(r["best_prob_TB"]) == pytest.approx(1, abs=2e-6)
+            assert r["best_decision"] == ("TB" if float(r["best_prob_TB"]) >= float(r["best_threshold"]) else "Healthy")
     flops = json.loads((project / "metrics/flops.json").read_text())
     assert flops["variants"]["baseline"]["parameters"] == 11_177_538  # resnet18, 2 classes
     assert flops["variants"]["baseline"]["flops"] == 2 * flops["variants"]["baseline"]["macs"] > 0
+
+    comparison = json.loads((project / "metrics/comparison.json").read_text())
+    assert comparison["reference"] == "baseline" and comparison["comparisons"] == 4
+    assert set(comparison["variants"]) == set(VARIANTS[1:])
+    for r in comparison["variants"].values():
+        for metric in ("accuracy", "f1", "roc_auc"):
+            assert r[metric]["p_value"] <= r[metric]["p_holm"] <= 1
+            assert r[metric]["significant"] == (r[metric]["p_holm"] < 0.05)
+    table = (project / "metrics/comparison.md").read_text()
+    assert all(f"**{v}** vs baseline" in table for v in VARIANTS[1:])
+
     summary = (project / "plots/summary.md").read_text()
     assert all(f"| {v} |" in summary for v in VARIANTS)
+    assert "Operating point" in summary and "Paired comparisons with `baseline`" in summary
 
 
 def test_experiment_on_one_variant_reruns_only_it(reproduced):
@@ -93,14 +118,16 @@ def test_experiment_on_one_variant_reruns_only_it(reproduced):
     run(["git", "commit", "-qm", "reproduced"], cwd=project)
     # '+' adds a key the variant does not set yet (Hydra's override syntax)
     result = dvc("exp", "run", "-S", "+experiments.contrast.lr=0.003", cwd=project)
-    # no other variant trains or evaluates again; flops and plots (seconds) read every variant
-    assert ran_stages(result.stdout) == {"train@contrast", "evaluate@contrast", "flops", "plots"}
+    # no other variant trains or evaluates again; compare, flops and plots (seconds) read every variant
+    assert ran_stages(result.stdout) == {"train@contrast", "evaluate@contrast", "compare", "flops", "plots"}
 
     diff = dvc("metrics", "diff", cwd=project).stdout  # what changed against HEAD
     assert "metrics/evaluate/contrast/metrics.json" in diff
     assert "metrics/train/contrast/metrics.json" in diff
     for other in VARIANTS[:-1]:
         assert other not in diff
+
+    assert re.search(r"best\.\w+_ci\.(low|high)", diff)  # the intervals are metrics too
 
     params_diff = dvc("params", "diff", cwd=project).stdout
     assert "experiments.contrast.lr" in params_diff and "0.003" in params_diff
@@ -112,6 +139,34 @@ def test_experiment_on_one_variant_reruns_only_it(reproduced):
     assert "confusion_matrices.png" in html
 
 
+def test_a_repeated_cpu_run_reproduces_weights_and_metrics_exactly(reproduced):
+    """train.deterministic: auto is on for the CPU. `sharpness` augments, so its
+    loader runs worker processes: the augmentation draws must repeat too.
+    (Runs after the experiment test: only the DVCLive log, which records
+    images/s, differs afterwards.)"""
+    project, _ = reproduced
+    variant = "sharpness"
+    outputs = [project / "metrics/train" / variant / "metrics.json",
+               project / "metrics/evaluate" / variant / "metrics.json",
+               project / "metrics/evaluate" / variant / "predictions.csv"]
+    before = [p.read_bytes() for p in outputs]
+    weights = {w: torch.load(project / "models" / variant / "seed_42" / f"{w}.pt", weights_only=True)["model"]
+               for w in ("best", "last")}
+    log = run([sys.executable, "-m", "stages.train", variant], cwd=project).stdout
+    assert re.search(r"[1-9]\d* loader workers", log)  # the case worth testing: augmentation in workers
+    run([sys.executable, "-m", "stages.evaluate", variant], cwd=project)
+
+    for path, old in zip(outputs, before):
+        assert path.read_bytes() == old, path
+    for which, old in weights.items():
+        new = torch.load(project / "models" / variant / "seed_42" / f"{which}.pt", weights_only=True)["model"]
+        assert new.keys() == old.keys()
+        assert all(torch.equal(new[k], old[k]) for k in old), which
+    # DVC agrees: the checkpoints hash the same; only the speed log changed
+    status = dvc("status", f"train@{variant}", cwd=project).stdout
+    assert f"metrics/train/{variant}/seeds" in status and f"models/{variant}" not in status
+
+
 @pytest.mark.skipif(not MINI.is_dir(), reason="../shared/data/tb-cxr-mini is not present")
 def test_repro_on_real_chest_xrays(tmp_path):
     project = copy_project(tmp_path / "project")
@@ -119,6 +174,7 @@ def test_repro_on_real_chest_xrays(tmp_path):
                                          "data.classes": {"Healthy": "Healthy", "TB": "TB"}})
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["experiments"] = {"baseline": {}, "contrast": params["experiments"]["contrast"]}
+    params["train"]["seeds"] = [1, 2]  # also covers several seeds per variant
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git_repo(project)
     dvc("repro", cwd=project)
@@ -129,4 +185,12 @@ def test_repro_on_real_chest_xrays(tmp_path):
     for path in declared_outputs(project):
         assert path.exists(), path
     m = json.loads((project / "metrics/evaluate/contrast/metrics.json").read_text())
-    assert m["best"]["n"] == 24
+    assert m["best"]["n"] == 24 and m["seeds"] == [1, 2]
+    per_seed = [m["per_seed"][f"seed_{s}"]["best"]["accuracy"] for s in (1, 2)]
+    assert m["best"]["accuracy"] == pytest.approx(sum(per_seed) / 2)
+    assert m["best"]["accuracy_sd"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2 ** 0.5)
+    comparison = json.loads((project / "metrics/comparison.json").read_text())
+    assert set(comparison["variants"]["contrast"]) >= {"seed_1", "seed_2", "mean_difference"}
+    for seed in (1, 2):
+        assert (project / "models/contrast" / f"seed_{seed}" / "best.pt").is_file()
+        assert (project / "metrics/train/contrast/seeds" / f"seed_{seed}" / "metrics.json").is_file()
