@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Union
 
@@ -23,6 +24,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -157,6 +159,13 @@ class TrainParams(_Section):
     log_test_curve: bool
     device: str
     num_workers: Union[int, Literal["auto"]]
+    pin_memory: Union[bool, Literal["auto"]]
+    persistent_workers: bool
+    prefetch_factor: int = Field(gt=0)
+    processes: Union[int, Literal["auto"]]
+    nodes: int = Field(ge=1)
+    rendezvous: Optional[str]
+    sync_batchnorm: bool
     amp: bool
     channels_last: bool
     compile: bool
@@ -200,6 +209,22 @@ class TrainParams(_Section):
     def _workers_non_negative(cls, value: Union[int, str]) -> Union[int, str]:
         if isinstance(value, int) and value < 0:
             raise ValueError("num_workers must be >= 0 or 'auto'")
+        return value
+
+    @field_validator("processes")
+    @classmethod
+    def _processes_positive(cls, value: Union[int, str]) -> Union[int, str]:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("processes must be >= 1 or 'auto' (one per visible GPU)")
+        return value
+
+    @field_validator("rendezvous")
+    @classmethod
+    def _rendezvous_for_several_nodes(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if info.data.get("nodes", 1) > 1 and not value:
+            raise ValueError("nodes > 1 needs a rendezvous: host:port of a machine every node can reach")
+        if value is not None and not re.fullmatch(r"[\w.\-\[\]:]+:\d+", value):
+            raise ValueError("rendezvous must be host:port, e.g. node0:29400")
         return value
 
     @property

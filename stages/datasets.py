@@ -3,8 +3,9 @@
 Images stay uint8 (N x 3 x H x W) until they reach the device, where
 `to_model_input` scales and normalises them (4x less to copy than float32).
 Training augmentations are torchvision.transforms.v2 classes named in
-params, applied per image on the CPU in the loader's workers; evaluation
-applies none.
+params, applied per image on the CPU in the loader's workers (each image
+draws its own random parameters, which batched GPU transforms would not);
+evaluation applies none.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from stages import paths
@@ -95,26 +96,28 @@ def build_augment(augmentations: dict[str, dict[str, Any]]) -> Callable | None:
 class ImageArrayDataset(Dataset):
     """(uint8 image, label) pairs, fetched a whole batch at a time (`__getitems__`).
 
-    The augmentation of image `i` in epoch `e` draws its randomness from
-    (seed, e, i) alone, so results do not depend on the number of loader
-    workers, and a run resumed at an epoch boundary repeats exactly.
+    Indices come from `EpochSampler` as (epoch, i) pairs. The augmentation of
+    image `i` in epoch `e` draws its randomness from (seed, e, i) alone, so
+    results depend neither on the number of loader workers nor on whether
+    they persist across epochs, and a run resumed at an epoch boundary
+    repeats exactly. A plain index `i` means epoch 0.
     """
 
     def __init__(self, split: Split, transform: Callable | None = None, seed: int = 0):
         self.split = split
         self.transform = transform
         self.seed = seed
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i):
         images, labels = self.__getitems__([i])
         return images[0], int(labels[0])
 
-    def __getitems__(self, indices: list[int]):
-        order = np.asarray(indices, dtype=np.int64)
+    def __getitems__(self, indices: list):
+        tagged = [(0, i) if isinstance(i, (int, np.integer)) else i for i in indices]
+        order = np.array([i for _, i in tagged], dtype=np.int64)
         ascending = np.argsort(order, kind="stable")
         # one read of the memory-mapped array per batch, in file order
         images = np.empty((len(order),) + tuple(self.split.images.shape[1:]), dtype=np.uint8)
@@ -123,8 +126,8 @@ class ImageArrayDataset(Dataset):
         if self.transform is not None:
             with torch.random.fork_rng(devices=[]):
                 out = []
-                for image, i in zip(images, order.tolist()):
-                    torch.default_generator.manual_seed(_mix(self.seed, self.epoch, i))
+                for image, (epoch, i) in zip(images, tagged):
+                    torch.default_generator.manual_seed(_mix(self.seed, epoch, int(i)))
                     out.append(self.transform(image))
             images = torch.stack(out)
         return images, torch.from_numpy(self.split.labels[order])
@@ -136,6 +139,58 @@ def _mix(*values: int) -> int:
 
 def _batched(batch):
     return batch  # __getitems__ already returns (images, labels) tensors
+
+
+class EpochSampler(Sampler):
+    """The indices of one epoch as (epoch, i) pairs: shuffled from (seed, epoch),
+    and under DDP dealt out in turn to the ranks (rank r gets positions r,
+    r + world, ...), so rank batches together are the one-process batch.
+
+    The order lives in the main process, so persistent workers see each new
+    epoch without being restarted. Call `set_epoch` before every epoch.
+    Under DDP the epoch is padded by repeating its first indices so every
+    rank has the same number of batches (as `DistributedSampler` does).
+    """
+
+    def __init__(self, n: int, *, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-self.n // self.world_size)
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch)))
+        else:
+            order = torch.arange(self.n)
+        padded = len(self) * self.world_size
+        if padded > self.n:
+            order = torch.cat([order, order[: padded - self.n]])
+        for i in order[self.rank::self.world_size].tolist():
+            yield self.epoch, i
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """How a loader feeds the model (`train.num_workers` etc., resolved for the device)."""
+
+    workers: int = 0
+    pin_memory: bool = False
+    persistent_workers: bool = False
+    prefetch_factor: int = 2
+
+
+def loader_settings(cfg, device: torch.device, augment: bool) -> LoaderSettings:
+    """Resolve the `auto` loader knobs of TrainParams for `device`."""
+    workers = auto_workers(cfg.num_workers, device, augment)
+    pin = device.type == "cuda" if cfg.pin_memory == "auto" else bool(cfg.pin_memory)
+    return LoaderSettings(workers=workers, pin_memory=pin, persistent_workers=cfg.persistent_workers and workers > 0,
+                          prefetch_factor=cfg.prefetch_factor)
 
 
 def auto_workers(setting: int | str, device: torch.device, augment: bool) -> int:
@@ -150,40 +205,28 @@ def auto_workers(setting: int | str, device: torch.device, augment: bool) -> int
 
 
 def make_loader(dataset: ImageArrayDataset, batch_size: int, *, shuffle: bool, seed: int,
-                workers: int, device: torch.device, distributed: bool = False,
-                drop_last: bool = False) -> DataLoader:
-    """A loader over `dataset`; shuffling is seeded and, under DDP, sharded by rank.
+                settings: LoaderSettings = LoaderSettings(), rank: int = 0, world_size: int = 1) -> DataLoader:
+    """A loader over `dataset` whose order comes from `EpochSampler(seed)`, sharded by rank.
 
     Call `set_epoch(loader, epoch)` before each epoch: it reseeds the order and
-    the augmentations from (seed, epoch). Workers are started per epoch so
-    they see the new epoch.
+    the augmentations from (seed, epoch).
     """
-    generator = torch.Generator().manual_seed(seed)
     dataset.seed = seed
-    sampler = None
-    if distributed:
-        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
-        shuffle = False
+    workers = settings.workers
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
-        sampler=sampler,
+        sampler=EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size),
         num_workers=workers,
         collate_fn=_batched,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers > 0 else None,
-        generator=generator,
-        drop_last=drop_last,
+        pin_memory=settings.pin_memory,
+        persistent_workers=settings.persistent_workers and workers > 0,
+        prefetch_factor=settings.prefetch_factor if workers > 0 else None,
     )
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
-    dataset = loader.dataset
-    dataset.epoch = epoch
-    loader.generator.manual_seed(_mix(dataset.seed, epoch))
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)
+    loader.sampler.set_epoch(epoch)
 
 
 def to_model_input(images: torch.Tensor, device: torch.device, mean, std, channels_last: bool) -> torch.Tensor:

@@ -31,7 +31,7 @@ from dvclive import Live
 
 from stages import paths
 from stages.config import load_params
-from stages.datasets import ImageArrayDataset, load_split, make_loader, prepared_image_size
+from stages.datasets import ImageArrayDataset, LoaderSettings, load_split, make_loader, prepared_image_size
 from stages.engine import predict
 from stages.errors import UserError, run_stage
 from stages.fsio import atomic_file, write_json
@@ -74,8 +74,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     test, val = load_split("test"), load_split("train").subset("val")
     classes = test.classes
     image_size = prepared_image_size()
-    loaders = {name: make_loader(ImageArrayDataset(split), ev.batch_size, shuffle=False, seed=0, workers=0,
-                                 device=rt.device) for name, split in (("test", test), ("val", val)) if len(split)}
+    settings = LoaderSettings(pin_memory=rt.device.type == "cuda")
+    loaders = {name: make_loader(ImageArrayDataset(split), ev.batch_size, shuffle=False, seed=0, settings=settings)
+               for name, split in (("test", test), ("val", val)) if len(split)}
     y, y_val = test.labels, (val.labels if len(val) else None)
 
     probs: dict[str, dict[int, np.ndarray]] = {w: {} for w in CHECKPOINTS}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -111,6 +112,40 @@ def setup(device: str, amp: bool, channels_last: bool, deterministic: bool | str
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.backends.cudnn.deterministic = True
     return rt
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def torchrun_command(processes: int | str, nodes: int, rendezvous: str | None, module: str,
+                     args: list[str]) -> list[str] | None:
+    """The `torchrun` command that runs `python -m module args` data-parallel, or None
+    when one process is asked for (or this already is a torchrun worker).
+
+    `processes: auto` is one per visible CUDA GPU. One machine uses torchrun's
+    standalone rendezvous. Several machines meet at `rendezvous` (host:port of
+    the machine with NODE_RANK=0, which then holds global rank 0 and writes the
+    outputs); each machine says which it is in the NODE_RANK environment variable.
+    """
+    if under_torchrun():
+        return None
+    if processes == "auto":
+        processes = max(1, torch.cuda.device_count())
+    if processes == 1 and nodes == 1:
+        return None
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}"]
+    if nodes == 1:
+        cmd.append("--standalone")
+    else:
+        node_rank = os.environ.get("NODE_RANK", "")
+        if not node_rank.isdigit() or int(node_rank) >= nodes:
+            raise UserError(f"train.nodes is {nodes}: set NODE_RANK on each machine, 0 on the rendezvous host "
+                            f"{rendezvous.rsplit(':', 1)[0]} and 1..{nodes - 1} on the others "
+                            f"(got {node_rank or 'nothing'})")
+        host, port = rendezvous.rsplit(":", 1)
+        cmd += [f"--nnodes={nodes}", f"--node-rank={node_rank}", f"--master-addr={host}", f"--master-port={port}"]
+    return cmd + ["-m", module, *args]
 
 
 def seed_all(*seed: int) -> None:

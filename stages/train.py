@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import subprocess
 import time
 from typing import Sequence
 
@@ -31,10 +32,11 @@ from stages import paths
 from stages.config import DataParams, TrainParams, load_params
 from stages.datasets import (
     ImageArrayDataset,
+    LoaderSettings,
     Split,
-    auto_workers,
     build_augment,
     load_split,
+    loader_settings,
     make_loader,
     prepared_image_size,
     set_epoch,
@@ -45,7 +47,7 @@ from stages.fsio import write_json
 from stages.losses import StudyLoss
 from stages.metrics import classification_metrics
 from stages.models import build_model, checkpoint_meta, count_parameters, save_checkpoint
-from stages.runtime import Runtime, seed_all, setup, teardown
+from stages.runtime import Runtime, seed_all, setup, teardown, torchrun_command
 
 HIGHER_IS_BETTER = {"f1": True, "accuracy": True, "roc_auc": True, "loss": False}
 
@@ -60,16 +62,16 @@ def make_optimizer(params, cfg: TrainParams) -> torch.optim.Optimizer:
 
 def make_loaders(cfg: TrainParams, fit: Split, val: Split, test: Split, rt: Runtime, seed: int):
     """Training loader (augmented, shuffled, sharded under DDP); validation and test
-    loaders (never augmented; the test loader only when `log_test_curve`)."""
+    loaders (never augmented, in one process; the test loader only when `log_test_curve`)."""
     augment = build_augment(cfg.augmentations)
-    workers = auto_workers(cfg.num_workers, rt.device, augment is not None)
+    settings = loader_settings(cfg, rt.device, augment is not None)
     loader = make_loader(ImageArrayDataset(fit, augment), cfg.batch_size, shuffle=True, seed=seed,
-                         workers=workers, device=rt.device, distributed=rt.distributed)
+                         settings=settings, rank=rt.rank, world_size=rt.world_size)
     eval_batch = max(cfg.batch_size, 64)
+    plain_settings = LoaderSettings(pin_memory=settings.pin_memory)
 
     def plain(split: Split):
-        return make_loader(ImageArrayDataset(split), eval_batch, shuffle=False, seed=seed,
-                           workers=0, device=rt.device)
+        return make_loader(ImageArrayDataset(split), eval_batch, shuffle=False, seed=seed, settings=plain_settings)
 
     return (loader, plain(val) if len(val) else None,
             plain(test) if cfg.log_test_curve else None)
@@ -96,9 +98,18 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     params = load_params()
     cfg = params.variant(args.variant)
+    train_split, test_split = load_split("train"), load_split("test")
+    launch = torchrun_command(cfg.processes, cfg.nodes, cfg.rendezvous, "stages.train", [args.variant])
+    if launch:
+        print(f"train {args.variant}: data-parallel, {' '.join(launch[1:])}", flush=True)
+        code = subprocess.call(launch)
+        if code:
+            raise UserError(f"the data-parallel processes of train {args.variant} failed (exit code {code}); "
+                            "their messages are above")
+        return
+
     rt = setup(cfg.device, cfg.amp, cfg.channels_last, cfg.deterministic)
     try:
-        train_split, test_split = load_split("train"), load_split("test")
         fit, val = train_split.subset("train"), train_split.subset("val")
         if len(fit) == 0:
             raise UserError(f"{paths.PREPARED}/train.csv has no rows with subset=train; lower data.val_fraction")
@@ -124,13 +135,14 @@ def train_run(variant: str, cfg: TrainParams, seed: int, data: DataParams, rt: R
     model = build_model(cfg.arch, len(classes), cfg.dropout, cfg.pretrained).to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if rt.distributed and cfg.sync_batchnorm and rt.device.type == "cuda":  # PyTorch syncs on GPUs only
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     loss_fn = StudyLoss(model, cfg.l2_penalty)
     optimizer = make_optimizer(model.parameters(), cfg)
     net = model
     if rt.distributed:
-        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
 

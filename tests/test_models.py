@@ -9,7 +9,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 from stages.config import load_params
-from stages.datasets import ImageArrayDataset, Split, build_augment, set_epoch
+from stages.datasets import EpochSampler, ImageArrayDataset, LoaderSettings, Split, build_augment, make_loader, set_epoch
 from stages.engine import predict
 from stages.errors import UserError
 from stages.losses import StudyLoss, l2_penalty
@@ -99,8 +99,8 @@ def test_augmentation_depends_only_on_seed_epoch_and_index():
     again = dataset.__getitems__([2, 5])[0]
     assert torch.equal(first[0], again[1]) and torch.equal(first[2], again[0])
     assert not torch.equal(first[0], torch.from_numpy(split.images[5]))  # it did augment
-    dataset.epoch = 1
-    assert not torch.equal(dataset.__getitems__([5])[0][0], first[0])
+    assert torch.equal(dataset.__getitems__([(0, 5)])[0][0], first[0])  # a plain index is epoch 0
+    assert not torch.equal(dataset.__getitems__([(1, 5)])[0][0], first[0])
 
 
 def test_batches_come_back_in_sampler_order_with_their_labels():
@@ -121,6 +121,50 @@ def test_shuffle_order_is_reseeded_per_epoch():
     assert [img.sum().item() for img, _ in loader] == first
     set_epoch(loader, 2)
     assert [img.sum().item() for img, _ in loader] != first
+
+
+def batches(loader, epochs=(1, 2)):
+    out = []
+    for epoch in epochs:
+        set_epoch(loader, epoch)
+        out.append([(images.clone(), labels.clone()) for images, labels in loader])
+    return out
+
+
+def same(a, b):
+    return len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
+                                    for ea, eb in zip(a, b) for x, y in zip(ea, eb))
+
+
+def test_batches_do_not_depend_on_workers_or_their_persistence():
+    split = tiny_split(n=12, size=16)
+    augment = build_augment({"ColorJitter": {"contrast": 0.9}})
+
+    def loader(**settings):
+        return make_loader(ImageArrayDataset(split, augment), 4, shuffle=True, seed=5,
+                           settings=LoaderSettings(**settings))
+
+    reference = batches(loader())
+    assert same(batches(loader(workers=2)), reference)
+    assert same(batches(loader(workers=2, persistent_workers=True)), reference)  # sees epoch 2 without restart
+    assert not same(reference[:1], reference[1:])
+
+
+def test_ddp_ranks_share_out_exactly_the_one_process_batches():
+    """Rank batches of 4 side by side are the 1-process batch of 8: with SyncBatchNorm
+    and averaged gradients, 2 processes train like one at twice the batch."""
+    n = 20
+    sampler = EpochSampler(n, shuffle=True, seed=1)
+    ranks = [EpochSampler(n, shuffle=True, seed=1, rank=r, world_size=2) for r in (0, 1)]
+    for s in (sampler, *ranks):
+        s.set_epoch(3)
+    one = [i for _, i in sampler]
+    r0, r1 = ([i for _, i in r] for r in ranks)
+    assert len(r0) == len(r1) == 10 and sorted(r0 + r1) == list(range(n))
+    for b in range(0, 10, 4):
+        assert sorted(r0[b:b + 4] + r1[b:b + 4]) == sorted(one[2 * b:2 * b + 8])
+    odd = [list(EpochSampler(5, shuffle=False, seed=0, rank=r, world_size=2)) for r in (0, 1)]
+    assert odd == [[(0, 0), (0, 2), (0, 4)], [(0, 1), (0, 3), (0, 0)]]  # padded to equal length
 
 
 def test_l2_penalty_matches_a_hand_computation():
