@@ -108,6 +108,7 @@ class DataParams(_Section):
     val_fraction: float = Field(ge=0, lt=1)
     seed: int = Field(ge=0)
     image_size: int = Field(ge=16, le=2048)
+    on_bad_image: Literal["error", "skip"]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
@@ -171,6 +172,7 @@ class TrainParams(_Section):
     compile: bool
     deterministic: Union[bool, Literal["auto"]]
     accumulate_steps: int = Field(gt=0)
+    resume: bool
 
     @field_validator("seeds")
     @classmethod

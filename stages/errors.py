@@ -8,6 +8,7 @@ its traceback.
 
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Callable, Sequence
 
@@ -24,6 +25,13 @@ def run_stage(main: Callable[[Sequence[str] | None], object], name: str) -> None
         main(sys.argv[1:])
     except UserError as err:
         print(f"error: {name}: {err}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {err.filename}" if err.filename else ""
+        print(f"error: {name}: the disk is full{where}; free some space (or move the DVC cache with "
+              "`dvc cache dir`) and run again. Partial outputs were removed", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print(f"error: {name}: interrupted; nothing was recorded as complete", file=sys.stderr)

@@ -9,6 +9,7 @@ antialiasing). Training, evaluation and prediction all go through `load_rgb`.
 from __future__ import annotations
 
 import re
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,27 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     return img.convert("RGB")  # L, LA, RGBA (alpha dropped), CMYK, YCbCr ...
+
+
+def check_image(path: str | Path) -> str | None:
+    """None if `path` decodes completely, else why not."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            to_rgb(img)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:  # unreadable, truncated, not an image
+        return str(err) or type(err).__name__
+    return None
+
+
+def check_images(paths: list[Path], workers: int) -> dict[Path, str]:
+    """{path: reason} for every file of `paths` that does not decode, checked in parallel."""
+    if workers <= 1 or len(paths) < 64:
+        results = map(check_image, paths)
+        return {p: why for p, why in zip(paths, results) if why}
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(check_image, paths, chunksize=32)
+        return {p: why for p, why in zip(paths, results) if why}
 
 
 def load_rgb(path: str | Path, size: int) -> np.ndarray:

@@ -18,6 +18,7 @@ FLOPS = METRICS / "flops.json"
 COMPARISON = METRICS / "comparison.json"
 COMPARISON_TABLE = METRICS / "comparison.md"
 PLOTS = Path("plots")
+TRAIN_STATE = Path(".train-state")  # train: runs in progress (not a DVC output)
 
 
 def model_dir(variant: str) -> Path:
@@ -37,6 +38,13 @@ def train_dir(variant: str) -> Path:
 def train_log(variant: str, seed: int) -> Path:
     """DVCLive folder of one training run: metrics.json, plots/metrics/**/*.tsv."""
     return METRICS / "train" / variant / "seeds" / f"seed_{seed}"
+
+
+def train_state(variant: str, seed: int) -> Path:
+    """A seed's run in progress: best.pt, last.pt (with optimiser state) and its log.
+    Moved into models/ and metrics/ only when the run completes; `train.resume`
+    continues from here after an interruption."""
+    return TRAIN_STATE / variant / f"seed_{seed}"
 
 
 def eval_dir(variant: str) -> Path:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from decimal import Decimal
 from typing import Sequence
 
@@ -25,6 +26,7 @@ from stages import paths
 from stages.config import load_params
 from stages.errors import UserError, run_stage
 from stages.fsio import atomic_dir, write_json
+from stages.images import check_images
 from stages.layout import ClassFolder, find_class_folders, list_class
 from stages.records import write_rows
 
@@ -79,6 +81,35 @@ def _span(names: list[str]) -> dict:
     return {"count": len(names), "first": names[0], "last": names[-1]}
 
 
+def drop_bad_images(classes: list[ClassFolder], policy: str, max_per_class: int | None) -> dict[str, str]:
+    """Decode every image that can reach the split; with `skip`, drop the bad ones
+    (before the ID order is cut, so the next good image takes a bad one's place).
+    Returns {path under data/raw: reason}; with `error`, any bad image is an error."""
+    workers = max(1, min(os.cpu_count() or 1, 16))
+    bad: dict[str, str] = {}
+    for cls in classes:
+        while True:  # with max_per_class, a dropped image lets the next one in: check it too
+            wanted = cls.images[:max_per_class] if max_per_class else cls.images
+            unchecked = [n for n in wanted if (cls.folder / n).relative_to(paths.RAW).as_posix() not in bad]
+            found = check_images([cls.folder / n for n in unchecked], workers)
+            if not found:
+                break
+            for path, why in found.items():
+                bad[path.relative_to(paths.RAW).as_posix()] = why
+            cls.images = [n for n in cls.images if (cls.folder / n).relative_to(paths.RAW).as_posix() not in bad]
+            if policy == "error":
+                break
+        if not cls.images:
+            raise UserError(f"class {cls.name!r}: none of the images in {cls.folder} can be read")
+    if bad and policy == "error":
+        raise UserError(f"{len(bad)} images in {paths.RAW} cannot be read:\n  "
+                        + "\n  ".join(f"{p}: {why}" for p, why in sorted(bad.items()))
+                        + "\nReplace or remove them, or set data.on_bad_image: skip to leave them out")
+    for path, why in sorted(bad.items()):
+        print(f"split: skipped unreadable image {path}: {why}")
+    return dict(sorted(bad.items()))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argparse.ArgumentParser(description=__doc__).parse_args(argv)
     data = load_params().data
@@ -86,10 +117,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise UserError(f"{paths.RAW} does not exist; run the download stage first (dvc repro download)")
 
     folders = find_class_folders(paths.RAW, data.classes)
+    classes = [list_class(name, label, folder) for label, (name, folder) in enumerate(folders.items())]
+    bad = drop_bad_images(classes, data.on_bad_image, data.max_per_class)
     test_rows, train_rows = [], []
-    report: dict = {"classes": {}, "ignored_files": 0}
-    for label, (name, folder) in enumerate(folders.items()):
-        cls = list_class(name, label, folder)
+    report: dict = {"classes": {}, "ignored_files": 0, "bad_images": len(bad), "bad_image_files": bad}
+    for cls in classes:
+        name, folder = cls.name, cls.folder
         if data.max_per_class:
             cls.images = cls.images[: data.max_per_class]
         test, train, entry = class_rows(cls, data.test_fraction, data.val_fraction, data.seed, paths.RAW)

@@ -15,14 +15,25 @@ With several `train.seeds`, the variant is trained once per seed, one after
 the other. Writes `models/<variant>/seed_<seed>/best.pt` and `last.pt`, the
 DVCLive log of each run in `metrics/train/<variant>/seeds/seed_<seed>/`, and
 the runs' best epochs in `metrics/train/<variant>/metrics.json`.
+
+A run in progress lives in `.train-state/<variant>/seed_<seed>/` (checkpoints
+each epoch, written atomically, and its log) and is moved into those outputs
+only when complete, so an interrupted stage leaves nothing DVC could take for
+a result. With `train.resume: true` the next run continues from the last
+finished epoch if the settings and data are unchanged; on the CPU the result
+is the same as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
+import shutil
 import subprocess
 import time
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -43,10 +54,10 @@ from stages.datasets import (
 )
 from stages.engine import confusion_summary, predict, train_one_epoch
 from stages.errors import UserError, run_stage
-from stages.fsio import write_json
+from stages.fsio import atomic_dir, remove, write_json
 from stages.losses import StudyLoss
 from stages.metrics import classification_metrics
-from stages.models import build_model, checkpoint_meta, count_parameters, save_checkpoint
+from stages.models import build_model, checkpoint_meta, count_parameters, load_checkpoint, save_checkpoint
 from stages.runtime import Runtime, seed_all, setup, teardown, torchrun_command
 
 HIGHER_IS_BETTER = {"f1": True, "accuracy": True, "roc_auc": True, "loss": False}
@@ -149,8 +160,15 @@ def train_run(variant: str, cfg: TrainParams, seed: int, data: DataParams, rt: R
     meta = checkpoint_meta(cfg.arch, cfg.dropout, classes, prepared_image_size(), data.mean, data.std,
                            variant=variant, seed=seed)
     name = f"{variant} seed {seed}"
+    state_dir = paths.train_state(variant, seed)
+    fingerprint = run_fingerprint(cfg, data, seed)
+    state = resumable(state_dir / "last.pt", fingerprint, cfg.epochs, name) if cfg.resume else None
+    if rt.distributed:
+        torch.distributed.barrier()  # rank 0 may clear the folder below only after every rank has read it
     if rt.is_main:
-        paths.checkpoint(variant, seed, "best").parent.mkdir(parents=True, exist_ok=True)
+        if state is None:
+            remove(state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
         print(f"train {name}: {cfg.arch}, {count_parameters(model):,} parameters, on {rt.describe()}; "
               f"{len(fit)} training and {len(val)} validation images, batch {cfg.batch_size}"
               f"{f' x {cfg.accumulate_steps} steps' if cfg.accumulate_steps > 1 else ''}"
@@ -159,10 +177,25 @@ def train_run(variant: str, cfg: TrainParams, seed: int, data: DataParams, rt: R
             print(f"train {name}: data.val_fraction is 0, so there is no validation set; "
                   "the last epoch stands in for the best")
 
-    live = Live(str(paths.train_log(variant, seed)), dvcyaml=False, save_dvc_exp=False) if rt.is_main else None
-    best_key, best, study = None, None, None
+    best_key, best, study, first_epoch = None, None, None, 1
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if rt.scaler is not None and state["resume"].get("scaler"):
+            rt.scaler.load_state_dict(state["resume"]["scaler"])
+        r = state["resume"]
+        best_key, best, study = tuple(r["best_key"]), r["best"], r["study"]
+        first_epoch = int(state["epoch"]) + 1
+        if rt.is_main:
+            print(f"train {name}: resuming after epoch {state['epoch']} from {state_dir}")
+    live = None
+    if rt.is_main:
+        live = Live(str(state_dir / "log"), dvcyaml=False, save_dvc_exp=False, resume=state is not None)
+        if state is not None:
+            truncate_log(state_dir / "log", first_epoch - 1)
+            live.step = first_epoch - 1
     started = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(first_epoch, cfg.epochs + 1):
         seed_all(seed, epoch)
         set_epoch(loader, epoch)
         stats = train_one_epoch(net, loader, optimizer, loss_fn, rt, data.mean, data.std, len(classes),
@@ -192,27 +225,32 @@ def train_run(variant: str, cfg: TrainParams, seed: int, data: DataParams, rt: R
                 live.log_metric(metric, value, plot=True)
 
         summary = {"epoch": epoch, "val": _brief(val_metrics)}
-        save_checkpoint(paths.checkpoint(variant, seed, "last"), model, meta, epoch=epoch, metrics=summary,
-                        optimizer=optimizer.state_dict())
         key = selection_key(val_metrics, cfg.select_metric) if val_metrics else (epoch, 0.0)
         if best_key is None or key > best_key:
             best_key, best = key, summary
-            save_checkpoint(paths.checkpoint(variant, seed, "best"), model, meta, epoch=epoch, metrics=summary)
+            save_checkpoint(state_dir / "best.pt", model, meta, epoch=epoch, metrics=summary)
+        live.next_step()
+        # last.pt last: whatever an interruption hits, it names the newest complete epoch
+        save_checkpoint(state_dir / "last.pt", model, meta, epoch=epoch, metrics=summary,
+                        optimizer=optimizer.state_dict(),
+                        resume={"fingerprint": fingerprint, "best_key": list(best_key), "best": best,
+                                "study": study, "scaler": rt.scaler.state_dict() if rt.scaler else None})
 
         elapsed = time.perf_counter() - started
-        eta = elapsed / epoch * (cfg.epochs - epoch + runs_after * cfg.epochs)
+        done = epoch - first_epoch + 1
+        eta = elapsed / done * (cfg.epochs - epoch + runs_after * cfg.epochs)
         val_text = (f" | val loss {val_metrics['loss']:.4f} acc {val_metrics['accuracy']:.4f} "
                     f"f1 {val_metrics['f1']:.4f}" if val_metrics else "")
         print(f"{name} epoch {epoch}/{cfg.epochs}: train loss {stats['loss']:.4f} "
               f"acc {row['train/accuracy']:.4f}{val_text} | {stats['images_per_s']:.1f} img/s | "
               f"elapsed {format_eta(elapsed)}, ETA {format_eta(eta)}", flush=True)
-        live.next_step()
         if rt.distributed:
             torch.distributed.barrier()
 
     if live is None:
         return None
     live.end()
+    publish(state_dir, variant, seed)
     result = {"best": best}
     if study is not None:
         result["study_protocol"] = {
@@ -220,6 +258,61 @@ def train_run(variant: str, cfg: TrainParams, seed: int, data: DataParams, rt: R
     print(f"train {name}: best epoch {best['epoch']} by val/{cfg.select_metric}; "
           f"checkpoints in {paths.checkpoint(variant, seed, 'best').parent}")
     return result
+
+
+def run_fingerprint(cfg: TrainParams, data: DataParams, seed: int) -> str:
+    """What a resumed run must share with the interrupted one: every setting that
+    changes the numbers, and the prepared data."""
+    settings = cfg.model_dump(exclude={"resume", "seeds", "num_workers", "pin_memory", "persistent_workers",
+                                       "prefetch_factor", "log_test_curve"})
+    digest = hashlib.sha256(json.dumps({"train": settings, "seed": seed, "positive": data.positive_class,
+                                        "mean": data.mean, "std": data.std}, sort_keys=True).encode())
+    for name in ("train.csv", "test.csv", "meta.json"):
+        digest.update((paths.PREPARED / name).read_bytes())
+    return digest.hexdigest()
+
+
+def resumable(last: Path, fingerprint: str, epochs: int, name: str) -> dict | None:
+    """The interrupted run's last checkpoint if it can be continued, else None (and why)."""
+    if not last.is_file():
+        print(f"train {name}: train.resume is on but there is no interrupted run in {last.parent}; starting afresh")
+        return None
+    try:
+        state = load_checkpoint(last)
+    except UserError as err:
+        print(f"train {name}: cannot resume ({err}); starting afresh")
+        return None
+    if state.get("resume", {}).get("fingerprint") != fingerprint:
+        print(f"train {name}: the interrupted run in {last.parent} used other settings or data; starting afresh")
+        return None
+    if int(state["epoch"]) > epochs:
+        print(f"train {name}: the interrupted run is past train.epochs; starting afresh")
+        return None
+    return state
+
+
+def truncate_log(folder: Path, epochs: int) -> None:
+    """Drop DVCLive rows after the first `epochs` epochs (steps 0..epochs-1): an
+    interruption between logging and checkpointing must not leave a duplicate step."""
+    for tsv in (folder / "plots" / "metrics").rglob("*.tsv"):
+        lines = tsv.read_text().splitlines(keepends=True)
+        column = lines[0].rstrip("\n").split("\t").index("step")
+        kept = [lines[0]] + [ln for ln in lines[1:] if int(ln.split("\t")[column]) < epochs]
+        tsv.write_text("".join(kept))
+
+
+def publish(state_dir: Path, variant: str, seed: int) -> None:
+    """Move a completed run from its work folder into the DVC outputs."""
+    target = paths.checkpoint(variant, seed, "best").parent
+    with atomic_dir(target) as tmp:
+        for which in ("best", "last"):
+            shutil.copy2(state_dir / f"{which}.pt", tmp / f"{which}.pt")
+    with atomic_dir(paths.train_log(variant, seed)) as tmp:
+        shutil.copytree(state_dir / "log", tmp, dirs_exist_ok=True)
+    remove(state_dir)
+    for parent in (state_dir.parent, paths.TRAIN_STATE):
+        if parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
 
 
 def _brief(metrics: dict | None) -> dict | None:

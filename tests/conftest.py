@@ -98,3 +98,16 @@ def in_project(project, monkeypatch) -> Path:
     """Like `project`, and the current directory (stage `main()`s read ./params.yaml)."""
     monkeypatch.chdir(project)
     return project
+
+
+def prepared_project(root: Path, n_per_class: int = 20, **changes) -> Path:
+    """A project copy in `root` whose data is downloaded, split and preprocessed
+    (synthetic 32 px images, TINY settings plus `changes`), ready to train."""
+    from tests.synthetic import make_dataset
+
+    source = make_dataset(root / "source", n_per_class=n_per_class, size=32)
+    project = copy_project(root / "project")
+    set_params(project / "params.yaml", {**TINY, "data.source": str(source), **changes})
+    for module in ("download", "split", "prepare", "preprocess"):
+        run([sys.executable, "-m", f"stages.{module}"], cwd=project)
+    return project

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import pytest
 
+from stages.errors import run_stage
+from stages.fsio import atomic_file
 from tests.conftest import set_params, stage
 from tests.synthetic import make_dataset
 
@@ -78,3 +81,19 @@ def test_training_before_the_data_is_prepared(project):
     result = stage("train", "baseline", cwd=project)
     assert_user_error(result, "data/prepared/train.npy does not exist; run the preprocess stage first")
     assert not (project / "models").exists() and not (project / "metrics").exists()
+
+
+def test_a_full_disk_is_one_clear_line_and_leaves_no_partial_file(tmp_path, capsys):
+    target = tmp_path / "metrics.json"
+
+    def main(argv):
+        with atomic_file(target) as tmp:
+            tmp.write_text("half")
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage(main, "evaluate")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: evaluate: the disk is full writing") and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

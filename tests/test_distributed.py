@@ -12,8 +12,7 @@ import torch
 
 from stages.errors import UserError
 from stages.runtime import torchrun_command
-from tests.conftest import TINY, copy_project, run, set_params
-from tests.synthetic import make_dataset
+from tests.conftest import prepared_project, run, set_params
 
 
 def test_one_process_needs_no_launcher(monkeypatch):
@@ -53,13 +52,7 @@ def keys(value, prefix=""):
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp")
-    source = make_dataset(root / "source", n_per_class=20, size=32)
-    project = copy_project(root / "project")
-    set_params(project / "params.yaml", {**TINY, "data.source": str(source), "train.log_test_curve": False})
-    for module in ("download", "split", "prepare", "preprocess"):
-        run([sys.executable, "-m", f"stages.{module}"], cwd=project)
-    return project
+    return prepared_project(tmp_path_factory.mktemp("ddp"), **{"train.log_test_curve": False})
 
 
 def test_two_cpu_processes_train_and_write_what_one_process_writes(prepared):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from stages import split
 from stages.errors import UserError
@@ -17,11 +19,21 @@ from tests.conftest import set_params
 TBX11K_LIST = Path(__file__).parent / "data" / "tbx11k_health_tb.txt"
 
 
+def tiny_png() -> bytes:
+    out = io.BytesIO()
+    Image.new("L", (2, 2), 128).save(out, format="PNG")
+    return out.getvalue()
+
+
+PNG = tiny_png()
+
+
 def placeholder_tree(root: Path, names: list[str]) -> None:
+    """The files `names` under `root`: a valid 2 x 2 PNG for image names, empty otherwise."""
     for name in names:
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
+        path.write_bytes(PNG if name.endswith(".png") else b"")
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -139,3 +151,37 @@ def test_too_few_images_for_the_split_is_an_error(in_project):
     with pytest.raises(UserError, match=r"class 'Healthy' has 2 images.*0 for test"):
         split.main([])
     assert not (in_project / "data" / "split").exists()
+
+
+def bad_images(raw: Path) -> None:
+    """Class folders with a truncated PNG, a text file named .png and a stray file."""
+    placeholder_tree(raw, [f"health/h{i}.png" for i in range(1, 11)] + [f"tb/tb{i}.png" for i in range(1, 11)])
+    (raw / "health" / "h2.png").write_bytes(PNG[: len(PNG) // 2])  # truncated
+    (raw / "tb" / "tb1.png").write_text("not an image")
+    (raw / "tb" / "notes.txt").write_text("ignored, counted")
+
+
+def test_bad_images_are_all_named_and_nothing_is_written(in_project):
+    bad_images(in_project / "data" / "raw")
+    with pytest.raises(UserError) as err:
+        split.main([])
+    message = str(err.value)
+    assert message.startswith("2 images in data/raw cannot be read")
+    assert "health/h2.png" in message and "tb/tb1.png" in message and "data.on_bad_image: skip" in message
+    assert not (in_project / "data" / "split").exists() and not (in_project / "metrics" / "split.json").exists()
+
+
+def test_skipped_bad_images_leave_the_split_and_are_reported(in_project):
+    bad_images(in_project / "data" / "raw")
+    set_params(in_project / "params.yaml", {"data.on_bad_image": "skip", "data.test_fraction": 0.2,
+                                            "data.max_per_class": 5})
+    split.main([])
+    test = read_csv(in_project / "data/split/test.csv")
+    train = read_csv(in_project / "data/split/train.csv")
+    # 5 per class from the good images, first by ID: h1 h3 h4 h5 h6 and tb2..tb6
+    assert [r["filename"] for r in test] == ["h1.png", "tb2.png"]
+    assert [r["filename"] for r in train] == ["h3.png", "h4.png", "h5.png", "h6.png",
+                                              "tb3.png", "tb4.png", "tb5.png", "tb6.png"]
+    report = json.loads((in_project / "metrics/split.json").read_text())
+    assert report["bad_images"] == 2 and set(report["bad_image_files"]) == {"health/h2.png", "tb/tb1.png"}
+    assert report["ignored_files"] == 1

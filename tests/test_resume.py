@@ -1,0 +1,88 @@
+"""A killed training run leaves no output DVC could take as complete, and
+`train.resume: true` continues it to exactly the result of an uninterrupted run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import env, prepared_project, run, set_params
+
+VARIANT = "contrast"  # augments in loader workers: the hardest case to repeat
+
+
+def outputs(project: Path) -> dict:
+    """Weights of both checkpoints, the summary, and every logged curve but speed and time."""
+    seed_dir = project / "models" / VARIANT / "seed_42"
+    result = {which: torch.load(seed_dir / f"{which}.pt", weights_only=True) for which in ("best", "last")}
+    result["summary"] = json.loads((project / "metrics/train" / VARIANT / "metrics.json").read_text())
+    curves = {}
+    for tsv in sorted((project / "metrics/train" / VARIANT / "seeds/seed_42/plots/metrics").rglob("*.tsv")):
+        if tsv.name != "images_per_s.tsv":
+            with open(tsv) as f:
+                curves[tsv.name + str(tsv.parent.name)] = [(r["step"], r[tsv.stem]) for r in csv.DictReader(f, delimiter="\t")]
+    result["curves"] = curves
+    return result
+
+
+def assert_same(a: dict, b: dict) -> None:
+    for which in ("best", "last"):
+        assert a[which]["epoch"] == b[which]["epoch"]
+        assert all(torch.equal(a[which]["model"][k], b[which]["model"][k]) for k in a[which]["model"]), which
+    assert a["summary"] == b["summary"]
+    assert a["curves"] == b["curves"]
+
+
+def kill_during_epoch(project: Path, epoch: int) -> None:
+    """Start training and SIGKILL it once epoch `epoch` has begun."""
+    proc = subprocess.Popen([sys.executable, "-m", "stages.train", VARIANT], cwd=project, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if f"epoch {epoch - 1}/" in line and "ETA" in line:  # the previous epoch is complete
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)[-2000:]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return prepared_project(tmp_path_factory.mktemp("resume"), **{"train.epochs": 3, "train.num_workers": 2})
+
+
+def test_kill_then_resume_equals_an_uninterrupted_run(project):
+    run([sys.executable, "-m", "stages.train", VARIANT], cwd=project)
+    uninterrupted = outputs(project)
+    for folder in ("models", "metrics/train"):
+        run(["rm", "-rf", f"{folder}/{VARIANT}"], cwd=project)
+
+    kill_during_epoch(project, 3)
+    # nothing that looks like a result: the run lives in .train-state until it completes
+    assert not (project / "models" / VARIANT).exists()
+    assert not (project / "metrics/train" / VARIANT / "metrics.json").exists()
+    state = project / ".train-state" / VARIANT / "seed_42"
+    assert torch.load(state / "last.pt", weights_only=True)["epoch"] == 2
+
+    set_params(project / "params.yaml", {"train.resume": True})
+    log = run([sys.executable, "-m", "stages.train", VARIANT], cwd=project).stdout
+    assert "resuming after epoch 2" in log and "epoch 1/3" not in log
+    assert_same(outputs(project), uninterrupted)
+    assert not (project / ".train-state").exists()
+
+
+def test_resume_refuses_a_run_made_with_other_settings(project):
+    set_params(project / "params.yaml", {"train.resume": False})
+    kill_during_epoch(project, 2)
+    set_params(project / "params.yaml", {"train.resume": True, "train.epochs": 1})  # another run
+    log = run([sys.executable, "-m", "stages.train", VARIANT], cwd=project).stdout
+    assert "used other settings or data; starting afresh" in log and "epoch 1/1" in log
