@@ -1,0 +1,1 @@
+"""Benchmarks of the pipeline against the study's way of doing the same work."""
