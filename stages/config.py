@@ -206,18 +206,12 @@ class TrainParams(_Section):
             raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
         return device
 
-    @field_validator("num_workers")
+    @field_validator("num_workers", "processes")
     @classmethod
-    def _workers_non_negative(cls, value: Union[int, str]) -> Union[int, str]:
-        if isinstance(value, int) and value < 0:
-            raise ValueError("num_workers must be >= 0 or 'auto'")
-        return value
-
-    @field_validator("processes")
-    @classmethod
-    def _processes_positive(cls, value: Union[int, str]) -> Union[int, str]:
-        if isinstance(value, int) and value < 1:
-            raise ValueError("processes must be >= 1 or 'auto' (one per visible GPU)")
+    def _count_or_auto(cls, value: Union[int, str], info: ValidationInfo) -> Union[int, str]:
+        least = {"num_workers": 0, "processes": 1}[info.field_name]
+        if isinstance(value, int) and value < least:
+            raise ValueError(f"{info.field_name} must be >= {least} or 'auto'")
         return value
 
     @field_validator("rendezvous")

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from stages.datasets import to_model_input
 from stages.runtime import Runtime
+from stages.stats import metrics_from_confusion
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
@@ -92,9 +93,5 @@ def predict(model: nn.Module, loader: DataLoader, rt: Runtime, mean, std,
 
 def confusion_summary(confusion: np.ndarray, positive: int) -> dict:
     """Accuracy and the positive class's F1 from a confusion matrix (rows true)."""
-    total = confusion.sum()
-    tp = confusion[positive, positive]
-    fp = confusion[:, positive].sum() - tp
-    fn = confusion[positive, :].sum() - tp
-    f1 = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 0.0
-    return {"accuracy": float(np.trace(confusion) / total) if total else 0.0, "f1": float(f1)}
+    values = metrics_from_confusion(np.asarray(confusion)[None], positive)
+    return {"accuracy": float(values["accuracy"][0]), "f1": float(values["f1"][0])}

@@ -61,7 +61,7 @@ def metrics_from_confusion(cm: np.ndarray, positive: int) -> dict[str, np.ndarra
     precision, recall, specificity = _safe_div(tp, pred), _safe_div(tp, true), _safe_div(tn, tn + fp)
     f1 = _safe_div(2 * tp, 2 * tp + fp + fn)
     return {
-        "accuracy": tp.sum(axis=1) / total,
+        "accuracy": _safe_div(tp.sum(axis=1), total),
         "f1": f1[:, positive],
         "sensitivity": recall[:, positive],
         "specificity": specificity[:, positive],
