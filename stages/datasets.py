@@ -1,7 +1,8 @@
 """Datasets over the preprocessed arrays, their transforms and loaders.
 
-Images stay uint8 (N x 3 x H x W) until they reach the device, where
-`to_model_input` scales and normalises them (4x less to copy than float32).
+Images stay uint8 (N x C x H x W, C = 1 for grayscale data) until they
+reach the device, where `to_model_input` repeats a single channel into three,
+scales and normalises them (4x less to copy than float32, 12x for grayscale).
 Training augmentations are torchvision.transforms.v2 classes named in
 params, applied per image on the CPU in the loader's workers (each image
 draws its own random parameters, which batched GPU transforms would not);
@@ -30,7 +31,7 @@ from stages.records import read_rows
 class Split:
     """One split of the preprocessed data: images, labels and their CSV rows."""
 
-    images: np.ndarray  # uint8, N x 3 x H x W (memory-mapped)
+    images: np.ndarray  # uint8, N x C x H x W (memory-mapped; C = 1 or 3)
     labels: np.ndarray  # int64, N
     rows: list[dict]
     classes: list[str]
@@ -230,8 +231,10 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
 
 
 def to_model_input(images: torch.Tensor, device: torch.device, mean, std, channels_last: bool) -> torch.Tensor:
-    """uint8 N x 3 x H x W on the host -> normalised float on `device`."""
+    """uint8 N x C x H x W on the host (C = 1 or 3) -> normalised float N x 3 x H x W on `device`."""
     x = images.to(device, non_blocking=True).float().div_(255)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)  # grayscale: the three channels are equal
     mean_t = torch.as_tensor(mean, device=device, dtype=x.dtype).view(1, -1, 1, 1)
     std_t = torch.as_tensor(std, device=device, dtype=x.dtype).view(1, -1, 1, 1)
     x = (x - mean_t).div_(std_t)

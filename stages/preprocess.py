@@ -1,9 +1,15 @@
 """Stage `preprocess`: decode and resize every image once, at `data.image_size`.
 
 Reads the dataset folders and writes, per split, `data/prepared/<split>.npy`
-(uint8, N x 3 x size x size) and `<split>.csv` (the split's rows in the same
-order), plus `meta.json` (image size, class names). Training and evaluation
-read these small arrays instead of decoding full-size PNGs every epoch.
+(uint8, N x C x size x size) and `<split>.csv` (the split's rows in the same
+order), plus `meta.json` (image size, channels, class names). Training and
+evaluation read these small arrays instead of decoding full-size PNGs every
+epoch.
+
+C is 1 when every image of both splits is grayscale (R = G = B, as in chest
+X-rays), else 3. One channel is a third of the memory, of the copies to the
+GPU and of the augmentation work; `datasets.to_model_input` repeats it into
+the three channels the models take, so the model sees the same input.
 """
 
 from __future__ import annotations
@@ -49,6 +55,15 @@ def decode_all(files: list[Path], size: int, out: np.ndarray, workers: int, desc
                         + "\nReplace or remove them and run the pipeline again")
 
 
+def is_grayscale(array: np.ndarray, chunk: int = 256) -> bool:
+    """True when R = G = B in every image of `array` (N x 3 x H x W), read in chunks."""
+    for start in range(0, len(array), chunk):
+        part = array[start:start + chunk]
+        if not ((part[:, 0] == part[:, 1]).all() and (part[:, 1] == part[:, 2]).all()):
+            return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argparse.ArgumentParser(description=__doc__).parse_args(argv)
     size = load_params().data.image_size
@@ -56,17 +71,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     classes = {int(r["label"]): r["class"] for rows in splits.values() for r in rows}
     workers = max(1, min(os.cpu_count() or 1, 16))
     with atomic_dir(paths.PREPARED) as tmp:
+        gray = True
         for split, rows in splits.items():
             files = [paths.DATASET / split / r["class"] / r["filename"] for r in rows]
-            array = np.lib.format.open_memmap(tmp / f"{split}.npy", mode="w+", dtype=np.uint8,
+            array = np.lib.format.open_memmap(tmp / f"{split}.rgb.npy", mode="w+", dtype=np.uint8,
                                               shape=(len(rows), 3, size, size))
             decode_all(files, size, array, workers, f"preprocess {split}")
             array.flush()
+            gray = gray and is_grayscale(array)
             del array
             write_rows(tmp / f"{split}.csv", rows)
-        write_json(tmp / "meta.json", {"image_size": size,
+        for split in splits:
+            rgb = tmp / f"{split}.rgb.npy"
+            if gray:
+                np.save(tmp / f"{split}.npy", np.load(rgb, mmap_mode="r")[:, :1])
+                rgb.unlink()
+            else:
+                rgb.rename(tmp / f"{split}.npy")
+        channels = 1 if gray else 3
+        write_json(tmp / "meta.json", {"image_size": size, "channels": channels,
                                        "classes": [classes[i] for i in sorted(classes)]})
-    print(f"preprocess: {sum(map(len, splits.values()))} images at {size}x{size} px in {paths.PREPARED}")
+    print(f"preprocess: {sum(map(len, splits.values()))} images at {size}x{size} px, "
+          f"{'grayscale (1 channel)' if gray else 'colour (3 channels)'}, in {paths.PREPARED}")
 
 
 if __name__ == "__main__":

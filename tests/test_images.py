@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from stages.datasets import to_model_input
 from stages.images import check_image, load_rgb
 
 GRAY = 200  # the grey level every file below encodes
@@ -44,3 +48,48 @@ def test_check_image_names_what_is_wrong(tmp_path):
     text = tmp_path / "text.png"
     text.write_text("hello")
     assert check_image(truncated) and check_image(text)
+
+
+def _preprocessed(tmp_path, colour: bool):
+    """Run the preprocess stage on a tiny split of generated images (colour: one RGB image)."""
+    from tests.conftest import copy_project, set_params, stage
+
+    project = copy_project(tmp_path / "project")
+    set_params(project / "params.yaml", {"data.image_size": 16})
+    rows = []
+    for split, label, name in (("train", 0, "h1.png"), ("train", 1, "tb1.png"), ("test", 0, "h2.png")):
+        folder = project / "data" / "dataset" / split / ["Healthy", "TB"][label]
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = np.random.default_rng(label).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+        if not (colour and name == "tb1.png"):
+            pixels[..., 1] = pixels[..., 2] = pixels[..., 0]
+        Image.fromarray(pixels).save(folder / name)
+        rows.append((split, f"{name},{['Healthy', 'TB'][label]},{label},{'train' if split == 'train' else 'test'}"))
+    for split in ("train", "test"):
+        csv = project / "data" / "split" / f"{split}.csv"
+        csv.parent.mkdir(parents=True, exist_ok=True)
+        csv.write_text("filename,class,label,subset\n" + "".join(r + "\n" for s, r in rows if s == split))
+    proc = stage("preprocess", cwd=project)
+    assert proc.returncode == 0, proc.stderr
+    return project / "data" / "prepared"
+
+
+@pytest.mark.parametrize("colour", [False, True])
+def test_preprocess_keeps_one_channel_only_when_every_image_is_grayscale(tmp_path, colour):
+    prepared = _preprocessed(tmp_path, colour)
+    train, test = np.load(prepared / "train.npy"), np.load(prepared / "test.npy")
+    channels = 3 if colour else 1
+    assert train.shape == (2, channels, 16, 16) and test.shape == (1, channels, 16, 16)
+    assert json.loads((prepared / "meta.json").read_text())["channels"] == channels
+    assert not list(prepared.glob("*.rgb.npy"))
+    expected = load_rgb(prepared.parent / "dataset" / "train" / "Healthy" / "h1.png", 16)
+    np.testing.assert_array_equal(train[0], expected[:channels])
+
+
+def test_one_channel_input_reaches_the_model_as_three_equal_channels():
+    gray = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    one = to_model_input(gray, torch.device("cpu"), mean, std, channels_last=True)
+    three = to_model_input(gray.expand(-1, 3, -1, -1).contiguous(), torch.device("cpu"), mean, std, channels_last=False)
+    assert one.shape == (2, 3, 8, 8) and one.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(one, three, rtol=0, atol=0)
