@@ -5,7 +5,9 @@ reference's: McNemar's exact test for accuracy, and a paired stratified
 bootstrap (the same resampled images for both) for the differences in
 accuracy, F1 and ROC AUC. The p-values of each metric are Holm-corrected
 across all comparisons. With several seeds, the i-th seed of a variant is
-paired with the i-th seed of the reference.
+paired with the i-th seed of the reference. Ensembles (`ensembles` in
+params.yaml) are compared like variants: their one run (all members' seeds
+combined) is paired with the reference's first seed.
 
 Writes `metrics/comparison.json` and `metrics/comparison.md`, a table and a
 sentence per variant saying which differences are significant at `stats.alpha`.
@@ -28,13 +30,14 @@ METRICS = ("accuracy", "f1", "roc_auc")
 LABELS = {"accuracy": "accuracy", "f1": "F1", "roc_auc": "ROC AUC"}
 
 
-def read_predictions(variant: str) -> tuple[np.ndarray, dict[int, np.ndarray], list[str]]:
-    """Labels, {seed: best-checkpoint probabilities} and class names from evaluate's CSV."""
-    rows = read_rows(paths.eval_dir(variant) / "predictions.csv", f"evaluate@{variant}")
+def read_predictions(variant: str, stage: str) -> tuple[np.ndarray, dict[str, np.ndarray], list[str]]:
+    """Labels, {seed: best-checkpoint probabilities} and class names from the CSV `stage` wrote
+    (an ensemble's seed is its label such as `1+2`)."""
+    rows = read_rows(paths.eval_dir(variant) / "predictions.csv", stage)
     classes = [c.removeprefix("best_prob_") for c in rows[0] if c.startswith("best_prob_")]
-    by_seed: dict[int, list[dict]] = {}
+    by_seed: dict[str, list[dict]] = {}
     for r in rows:
-        by_seed.setdefault(int(r["seed"]), []).append(r)
+        by_seed.setdefault(r["seed"], []).append(r)
     probs = {s: np.array([[float(r[f"best_prob_{c}"]) for c in classes] for r in rs]) for s, rs in by_seed.items()}
     first = next(iter(by_seed.values()))
     labels = np.array([int(r["label"]) for r in first])
@@ -106,14 +109,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     argparse.ArgumentParser(description=__doc__).parse_args(argv)
     params = load_params()
     st, ref = params.stats, params.compare.reference
-    y, ref_probs, classes = read_predictions(ref)
+    y, ref_probs, classes = read_predictions(ref, f"evaluate@{ref}")
     positive = classes.index(params.data.positive_class)
 
     pairs: dict[str, dict[str, dict]] = {}
-    for variant in params.variants:
-        if variant == ref:
-            continue
-        y_v, probs, _ = read_predictions(variant)
+    scored = {v: f"evaluate@{v}" for v in params.variants if v != ref}
+    scored |= {e: f"ensemble@{e}" for e in params.ensembles}
+    for variant, stage in scored.items():
+        y_v, probs, _ = read_predictions(variant, stage)
         if not np.array_equal(y_v, y):
             raise UserError(f"{variant} and {ref} were evaluated on different test images; rerun evaluate (dvc repro)")
         pairs[variant] = {}

@@ -16,7 +16,7 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Union
+from typing import Any, Literal, Mapping, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -91,6 +91,12 @@ _SYNONYMS = {
     "l2": "l2_penalty",
     "l2_lambda": "l2_penalty",
     "drop_rate": "dropout",
+    "lr_scheduler": "scheduler",
+    "schedule": "scheduler",
+    "early_stopping": "patience",
+    "freeze_backbone": "freeze",
+    "hidden": "head_hidden",
+    "weights": "class_weights",
 }
 
 
@@ -144,19 +150,42 @@ class DataParams(_Section):
         return list(self.classes)
 
 
+_FREEZE = re.compile(r"none|head_only|up_to:[\w.]+")
+
+
+class Phase(_Section):
+    epoch: int = Field(ge=1)
+    freeze: str
+    lr_factor: float = Field(gt=0)
+
+
 class TrainParams(_Section):
     arch: str
     pretrained: bool
+    head_hidden: list[int]
+    keep_imagenet_head: bool
     dropout: float = Field(ge=0, lt=1)
+    freeze: str
+    progressive: list[Phase]
     epochs: int = Field(gt=0)
     batch_size: int = Field(gt=0)
     optimizer: Literal["adam", "adamw", "sgd"]
     lr: float = Field(gt=0)
+    momentum: float = Field(ge=0, lt=1)
+    nesterov: bool
     weight_decay: float = Field(ge=0)
+    scheduler: Literal["none", "step", "exponential", "cosine", "warmup_cosine"]
+    step_size: int = Field(gt=0)
+    gamma: float = Field(gt=0, le=1)
+    final_lr_fraction: float = Field(gt=0, le=1)
+    warmup_epochs: int = Field(ge=0)
+    patience: Optional[int] = Field(gt=0)
+    class_weights: Union[None, Literal["inverse_frequency"], dict[str, float]]
+    balanced_sampler: bool
     l2_penalty: float = Field(ge=0)
     augment: dict[str, Optional[dict[str, Any]]]
     seeds: list[int] = Field(min_length=1)
-    select_metric: Literal["f1", "accuracy", "roc_auc", "loss"]
+    select_metric: Literal["f1", "macro_f1", "accuracy", "roc_auc", "loss"]
     log_test_curve: bool
     device: str
     num_workers: Union[int, Literal["auto"]]
@@ -188,6 +217,50 @@ class TrainParams(_Section):
             raise ValueError(f"unknown architecture {arch!r}{_did_you_mean(arch, ARCHITECTURES)}; "
                              f"choose one of {', '.join(ARCHITECTURES)}")
         return arch
+
+    @field_validator("head_hidden")
+    @classmethod
+    def _hidden_sizes(cls, sizes: list[int]) -> list[int]:
+        if any(h <= 0 for h in sizes):
+            raise ValueError("hidden layer sizes must be > 0")
+        return sizes
+
+    @field_validator("freeze")
+    @classmethod
+    def _known_freeze(cls, spec: str) -> str:
+        if not _FREEZE.fullmatch(spec):
+            raise ValueError("use none, head_only or up_to:<module>, e.g. up_to:layer3")
+        return spec
+
+    @field_validator("progressive")
+    @classmethod
+    def _phases_in_order(cls, phases: list[Phase]) -> list[Phase]:
+        if phases and phases[0].epoch != 1:
+            raise ValueError("the first phase must start at epoch 1")
+        if any(b.epoch <= a.epoch for a, b in zip(phases, phases[1:])):
+            raise ValueError("phase epochs must increase")
+        for phase in phases:
+            cls._known_freeze(phase.freeze)
+        return phases
+
+    @field_validator("class_weights")
+    @classmethod
+    def _positive_weights(cls, weights):
+        if isinstance(weights, dict) and (not weights or min(weights.values()) <= 0):
+            raise ValueError("give every class a weight > 0, or use inverse_frequency or null")
+        return weights
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainParams":
+        if self.keep_imagenet_head and not self.pretrained:
+            raise ValueError("keep_imagenet_head: true needs pretrained: true (it keeps the ImageNet classifier)")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise ValueError("nesterov: true needs optimizer: sgd with momentum > 0")
+        if self.progressive and self.freeze != "none":
+            raise ValueError("progressive phases set the freezing; set freeze: none")
+        if self.scheduler == "warmup_cosine" and not 0 < self.warmup_epochs < self.epochs:
+            raise ValueError("warmup_cosine needs 0 < warmup_epochs < epochs")
+        return self
 
     @field_validator("augment")
     @classmethod
@@ -252,6 +325,20 @@ class CompareParams(_Section):
     reference: str
 
 
+class EnsembleParams(_Section):
+    """One ensemble: trained variants (`members`, keys of `experiments`) combined by `voting`."""
+
+    members: list[str] = Field(min_length=1)
+    voting: Literal["soft", "hard"]
+
+    @field_validator("members")
+    @classmethod
+    def _members_distinct(cls, members: list[str]) -> list[str]:
+        if len(set(members)) != len(members):
+            raise ValueError("members must be distinct variants")
+        return members
+
+
 class _ParamsFile(_Section):
     data: DataParams
     train: dict[str, Any]
@@ -259,6 +346,7 @@ class _ParamsFile(_Section):
     evaluate: EvaluateParams
     stats: StatsParams
     compare: CompareParams
+    ensembles: dict[str, EnsembleParams]
 
     @model_validator(mode="after")
     def _reference_is_a_variant(self) -> "_ParamsFile":
@@ -277,6 +365,7 @@ class Params:
         self.evaluate = parsed.evaluate
         self.stats = parsed.stats
         self.compare = parsed.compare
+        self.ensembles = parsed.ensembles
         self.variants = variants
         self.train = _validate_train(dict(parsed.train), "train")
 
@@ -288,6 +377,15 @@ class Params:
                 f"params.yaml defines experiments: {', '.join(self.variants)}"
             )
         return self.variants[name]
+
+    def ensemble(self, name: str) -> EnsembleParams:
+        """The settings of one ensemble; an unknown name is a `UserError`."""
+        if name not in self.ensembles:
+            raise UserError(
+                f"unknown ensemble {name!r}{_did_you_mean(name, self.ensembles)}; "
+                f"params.yaml defines ensembles: {', '.join(self.ensembles) or 'none'}"
+            )
+        return self.ensembles[name]
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -333,9 +431,29 @@ def load_params(path: str | os.PathLike = PARAMS_FILE) -> Params:
                                              override=override, variant=name)
         except UserError as err:
             problems.append(str(err))
+    problems += _ensemble_problems(parsed, path)
+    for name, cfg in variants.items():
+        if isinstance(cfg.class_weights, dict) and set(cfg.class_weights) != set(parsed.data.classes):
+            problems.append(f"{path}: class_weights of variant {name} must give a weight to each of the classes "
+                            f"{list(parsed.data.classes)} (got {list(cfg.class_weights)})")
     if problems:
         raise UserError("\n".join(dict.fromkeys(problems)))
     return Params(raw, parsed, variants)
+
+
+def _ensemble_problems(parsed: _ParamsFile, path: Path) -> list[str]:
+    """An ensemble's members must be variants, and its name must not be one: both write metrics/evaluate/<name>/."""
+    problems = []
+    for name, ensemble in parsed.ensembles.items():
+        if name in parsed.experiments:
+            problems.append(f"{path}: ensembles.{name}: {name!r} is also an experiment and both would write "
+                            f"metrics/evaluate/{name}/; rename the ensemble")
+        for member in ensemble.members:
+            if member not in parsed.experiments:
+                problems.append(f"{path}: ensembles.{name}.members: unknown variant {member!r}"
+                                f"{_did_you_mean(member, parsed.experiments)}; params.yaml defines experiments: "
+                                f"{', '.join(parsed.experiments)}")
+    return problems
 
 
 def _validate_train(values: dict[str, Any], section: str, override: Mapping[str, Any] | None = None,
@@ -371,10 +489,15 @@ def _describe(err: ValidationError, path: Path, model: type[BaseModel], where=No
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
-    """Field names of the (sub)model found by following `loc` from `model`."""
-    for part in loc:
+    """Field names of the (sub)model found by following `loc` from `model`
+    (through a name -> section mapping such as `ensembles.<name>`)."""
+    parts = iter(loc)
+    for part in parts:
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None)
+        if get_origin(annotation) is dict:
+            annotation = get_args(annotation)[1]
+            next(parts, None)  # the mapping's key: a name of the user's
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             model = annotation
         else:

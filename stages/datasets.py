@@ -151,11 +151,17 @@ class EpochSampler(Sampler):
     epoch without being restarted. Call `set_epoch` before every epoch.
     Under DDP the epoch is padded by repeating its first indices so every
     rank has the same number of batches (as `DistributedSampler` does).
+
+    With `weights` (one per item), an epoch is n draws with replacement in
+    proportion to them instead: `balanced_weights` makes every class equally
+    likely (`train.balanced_sampler`).
     """
 
-    def __init__(self, n: int, *, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, n: int, *, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1,
+                 weights: np.ndarray | None = None):
         self.n, self.shuffle, self.seed = n, shuffle, seed
         self.rank, self.world_size = rank, world_size
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -165,8 +171,11 @@ class EpochSampler(Sampler):
         return -(-self.n // self.world_size)
 
     def __iter__(self):
-        if self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch)))
+        generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+        if self.weights is not None:
+            order = torch.multinomial(self.weights, self.n, replacement=True, generator=generator)
+        elif self.shuffle:
+            order = torch.randperm(self.n, generator=generator)
         else:
             order = torch.arange(self.n)
         padded = len(self) * self.world_size
@@ -174,6 +183,12 @@ class EpochSampler(Sampler):
             order = torch.cat([order, order[: padded - self.n]])
         for i in order[self.rank::self.world_size].tolist():
             yield self.epoch, i
+
+
+def balanced_weights(labels: np.ndarray) -> np.ndarray:
+    """Per-item sampling weights 1 / (count of its class): each class drawn equally often."""
+    counts = np.bincount(labels)
+    return 1.0 / counts[labels]
 
 
 @dataclass(frozen=True)
@@ -206,8 +221,10 @@ def auto_workers(setting: int | str, device: torch.device, augment: bool) -> int
 
 
 def make_loader(dataset: ImageArrayDataset, batch_size: int, *, shuffle: bool, seed: int,
-                settings: LoaderSettings = LoaderSettings(), rank: int = 0, world_size: int = 1) -> DataLoader:
-    """A loader over `dataset` whose order comes from `EpochSampler(seed)`, sharded by rank.
+                settings: LoaderSettings = LoaderSettings(), rank: int = 0, world_size: int = 1,
+                balanced: bool = False) -> DataLoader:
+    """A loader over `dataset` whose order comes from `EpochSampler(seed)`, sharded by rank
+    (`balanced`: classes drawn equally often, with replacement).
 
     Call `set_epoch(loader, epoch)` before each epoch: it reseeds the order and
     the augmentations from (seed, epoch).
@@ -217,7 +234,8 @@ def make_loader(dataset: ImageArrayDataset, batch_size: int, *, shuffle: bool, s
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size),
+        sampler=EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
+                             weights=balanced_weights(dataset.split.labels) if balanced else None),
         num_workers=workers,
         collate_fn=_batched,
         pin_memory=settings.pin_memory,

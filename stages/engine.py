@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from stages.datasets import to_model_input
+from stages.freezing import train_mode
 from stages.runtime import Runtime
 from stages.stats import metrics_from_confusion
 
@@ -24,8 +25,9 @@ from stages.stats import metrics_from_confusion
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     loss_fn: nn.Module, rt: Runtime, mean, std, num_classes: int,
                     accumulate_steps: int = 1, desc: str = "train") -> dict:
-    """Train over `loader` once; returns loss, confusion counts and images/s (all ranks summed)."""
-    model.train()
+    """Train over `loader` once; returns loss, confusion counts and images/s (all ranks summed).
+    Frozen batch-norm layers stay in eval mode."""
+    train_mode(model)
     loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=rt.device)
     seen = 0

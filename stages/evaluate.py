@@ -17,29 +17,37 @@ Writes to `metrics/evaluate/<variant>/`:
 - `calibration.csv`: the reliability bins of each seed's best checkpoint;
 - `plots/sklearn/`: DVCLive's confusion matrix, ROC and precision-recall of
   the first seed's best checkpoint.
+
+The ensemble stage reuses the loading and prediction helpers and
+`report_and_write`, so an ensemble's outputs are a variant's.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-from typing import Sequence
+from pathlib import Path
+from typing import Hashable, Sequence
 
 import numpy as np
 import torch
 from dvclive import Live
+from torch.utils.data import DataLoader
 
 from stages import paths
-from stages.config import load_params
-from stages.datasets import ImageArrayDataset, LoaderSettings, load_split, make_loader, prepared_image_size
+from stages.config import Params, load_params
+from stages.datasets import ImageArrayDataset, LoaderSettings, Split, load_split, make_loader, prepared_image_size
 from stages.engine import predict
 from stages.errors import UserError, run_stage
 from stages.fsio import atomic_file, write_json
 from stages.models import load_checkpoint, model_from_checkpoint
-from stages.runtime import setup
+from stages.runtime import Runtime, setup
 from stages.scoring import seed_report, seeds_report
 
 CHECKPOINTS = ("best", "last")
+
+# Checkpoint kind (best, last) -> run (a seed; the ensemble's one run) -> its value.
+ByRun = dict[str, dict[Hashable, np.ndarray]]
 
 
 def load_for_test(path, classes: list[str], image_size: int) -> dict:
@@ -61,45 +69,71 @@ def write_rows(path, header: list[str], rows: list[list]) -> None:
         writer.writerows(rows)
 
 
+def runtime(params: Params) -> Runtime:
+    """The shared runtime settings of `train`: device, precision, determinism."""
+    run = params.train
+    return setup(run.device, run.amp, run.channels_last, run.deterministic)
+
+
+def scoring_data(batch_size: int, rt: Runtime) -> tuple[Split, np.ndarray | None, dict[str, DataLoader]]:
+    """The test split, the validation labels (None without a hold-out) and an in-order loader of each."""
+    test, val = load_split("test"), load_split("train").subset("val")
+    settings = LoaderSettings(pin_memory=rt.device.type == "cuda")
+    loaders = {name: make_loader(ImageArrayDataset(split), batch_size, shuffle=False, seed=0, settings=settings)
+               for name, split in (("test", test), ("val", val)) if len(split)}
+    return test, (val.labels if len(val) else None), loaders
+
+
+def predict_checkpoint(path: Path, classes: list[str], image_size: int, rt: Runtime,
+                       loaders: dict[str, DataLoader], desc: str) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """A checkpoint's class probabilities on the test and the validation images (None without), and its epoch."""
+    ckpt = load_for_test(path, classes, image_size)
+    model = model_from_checkpoint(ckpt, path).to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    norm = (ckpt["mean"], ckpt["std"])
+    test = predict(model, loaders["test"], rt, *norm, desc=desc)[0]
+    val = predict(model, loaders["val"], rt, *norm)[0] if "val" in loaders else None
+    return test, val, int(ckpt["epoch"])
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variant", help="a key of `experiments` in params.yaml")
     args = parser.parse_args(argv)
     params = load_params()
     seeds = params.variant(args.variant).seeds
-    run = params.train  # the shared runtime settings: device, precision, determinism
-    rt = setup(run.device, run.amp, run.channels_last, run.deterministic)
-    ev, st, positive = params.evaluate, params.stats, params.data.positive_class
-
-    test, val = load_split("test"), load_split("train").subset("val")
-    classes = test.classes
+    rt = runtime(params)
+    test, y_val, loaders = scoring_data(params.evaluate.batch_size, rt)
     image_size = prepared_image_size()
-    settings = LoaderSettings(pin_memory=rt.device.type == "cuda")
-    loaders = {name: make_loader(ImageArrayDataset(split), ev.batch_size, shuffle=False, seed=0, settings=settings)
-               for name, split in (("test", test), ("val", val)) if len(split)}
-    y, y_val = test.labels, (val.labels if len(val) else None)
 
-    probs: dict[str, dict[int, np.ndarray]] = {w: {} for w in CHECKPOINTS}
-    val_probs: dict[str, dict[int, np.ndarray]] = {w: {} for w in CHECKPOINTS}
-    epochs: dict[str, dict[int, int]] = {w: {} for w in CHECKPOINTS}
+    probs: ByRun = {w: {} for w in CHECKPOINTS}
+    val_probs: ByRun = {w: {} for w in CHECKPOINTS}
+    epochs: dict[str, dict[Hashable, int]] = {w: {} for w in CHECKPOINTS}
     for seed in seeds:
         for which in CHECKPOINTS:
-            path = paths.checkpoint(args.variant, seed, which)
-            ckpt = load_for_test(path, classes, image_size)
-            model = model_from_checkpoint(ckpt, path).to(rt.device)
-            if rt.channels_last:
-                model = model.to(memory_format=torch.channels_last)
-            norm = (ckpt["mean"], ckpt["std"])
-            probs[which][seed] = predict(model, loaders["test"], rt, *norm, desc=f"test seed {seed} {which}")[0]
-            if "val" in loaders:
-                val_probs[which][seed] = predict(model, loaders["val"], rt, *norm)[0]
-            epochs[which][seed] = int(ckpt["epoch"])
+            test_prob, val_prob, epoch = predict_checkpoint(paths.checkpoint(args.variant, seed, which), test.classes,
+                                                            image_size, rt, loaders, f"test seed {seed} {which}")
+            probs[which][seed], epochs[which][seed] = test_prob, epoch
+            if val_prob is not None:
+                val_probs[which][seed] = val_prob
+    report_and_write(f"evaluate {args.variant}", paths.eval_dir(args.variant), {"seeds": seeds}, seeds,
+                     probs, val_probs, epochs, test, y_val, params)
 
-    report: dict = {"seeds": seeds,
+
+def report_and_write(title: str, out: Path, header: dict, seeds: list[Hashable], probs: ByRun, val_probs: ByRun,
+                     epochs: dict[str, dict[Hashable, int | None]], test: Split, y_val: np.ndarray | None,
+                     params: Params) -> None:
+    """Everything after the probabilities: score each run (`seeds`: a variant's seeds, an ensemble's one run)
+    and write metrics.json (`header` first), predictions.csv, calibration.csv and the DVCLive plots to `out`;
+    print the headline as `<title> best: ...`."""
+    ev, st, positive = params.evaluate, params.stats, params.data.positive_class
+    classes, y = test.classes, test.labels
+    report: dict = {**header,
                     "method": (f"{st.ci_level:.0%} intervals: stratified bootstrap, {st.resamples} resamples, "
                                f"percentile; headline metrics at the argmax (0.5) decision")}
     per_seed: dict[str, dict] = {f"seed_{s}": {} for s in seeds}
-    bins: dict[int, list[dict]] = {}
+    bins: dict[Hashable, list[dict]] = {}
     for which in CHECKPOINTS:
         seed_reports = []
         for seed in seeds:
@@ -118,7 +152,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     if len(seeds) > 1:
         report["per_seed"] = per_seed
 
-    out = paths.eval_dir(args.variant)
     out.mkdir(parents=True, exist_ok=True)
     first = probs["best"][seeds[0]].astype(np.float64)  # DVCLive writes JSON: no float32
     pos = classes.index(positive)
@@ -129,10 +162,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     live.log_sklearn_plot("precision_recall", (y == pos).astype(int), first[:, pos], name="precision_recall.json")
     live.end()
 
-    header = ["seed", "filename", "class", "label"]
+    columns = ["seed", "filename", "class", "label"]
     for which in CHECKPOINTS:
-        header += [f"{which}_prob_{c}" for c in classes] + [f"{which}_predicted"]
-    header += ["best_threshold", "best_decision"]
+        columns += [f"{which}_prob_{c}" for c in classes] + [f"{which}_predicted"]
+    columns += ["best_threshold", "best_decision"]
     rows = []
     for seed in seeds:
         op = per_seed[f"seed_{seed}"]["best"].get("operating_point")
@@ -147,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 classes[pos] if p[pos] >= threshold else classes[1 - pos]
             line += ["" if threshold is None else f"{threshold:.6f}", decision]
             rows.append(line)
-    write_rows(out / "predictions.csv", header, rows)
+    write_rows(out / "predictions.csv", columns, rows)
     write_rows(out / "calibration.csv", ["seed", "bin", "low", "high", "count", "confidence", "accuracy"],
                [[s, b["bin"], b["low"], b["high"], b["count"], "" if b["confidence"] is None else b["confidence"],
                  "" if b["accuracy"] is None else b["accuracy"]] for s, table in bins.items() for b in table])
@@ -157,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         m = report[which]
         ci = m["accuracy_ci"]
         auc = f"{m['roc_auc']:.4f}" if m["roc_auc"] is not None else "n/a"
-        line = (f"evaluate {args.variant} {which}: accuracy {m['accuracy']:.4f} "
+        line = (f"{title} {which}: accuracy {m['accuracy']:.4f} "
                 f"[{ci['low']:.4f}, {ci['high']:.4f}], F1({positive}) {m['f1']:.4f}, "
                 f"sensitivity {m['sensitivity']:.4f}, specificity {m['specificity']:.4f}, ROC AUC {auc}, "
                 f"ECE {m['ece']:.4f}")

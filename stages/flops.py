@@ -1,9 +1,12 @@
 """Stage `flops`: parameters and compute of each variant's model, counted by thop.
 
 One forward pass of a single image at `data.image_size` through each
-variant's architecture. thop counts multiply-accumulates (MACs); FLOPs are
-reported as 2 x MACs, the usual convention, and both are labelled. The study
-quoted 3.88 G from another counter on a slightly different ResNet.
+variant's model (backbone and head). thop counts multiply-accumulates
+(MACs); FLOPs are reported as 2 x MACs, the usual convention, and both are
+labelled. thop has no rule for `nn.MultiheadAttention` (ViT), so one is
+given here: the q, k, v and output projections plus the two L x L x E
+products of attention. The study quoted 3.88 G from another counter on a
+slightly different ResNet.
 """
 
 from __future__ import annotations
@@ -13,20 +16,30 @@ from typing import Sequence
 
 import thop
 import torch
+from torch import nn
 
 from stages import paths
-from stages.config import load_params
+from stages.config import TrainParams, load_params
 from stages.errors import run_stage
 from stages.fsio import write_json
 from stages.models import build_model, count_parameters
 
 
-def count_model(arch: str, num_classes: int, dropout: float, image_size: int) -> dict:
-    """Parameters, MACs and FLOPs (= 2 x MACs) of one image through the model."""
-    model = build_model(arch, num_classes, dropout).eval()
+def _attention_macs(module: nn.MultiheadAttention, inputs: tuple, output) -> None:
+    query = inputs[0]
+    tokens = query.shape[0] * query.shape[1]  # batch x sequence length (either layout)
+    length, dim = query.shape[1] if module.batch_first else query.shape[0], module.embed_dim
+    module.total_ops += torch.DoubleTensor([4 * tokens * dim * dim + 2 * tokens * length * dim])
+
+
+def count_model(cfg: TrainParams, num_classes: int, image_size: int) -> dict:
+    """Parameters, MACs and FLOPs (= 2 x MACs) of one image through the variant's model."""
+    model = build_model(cfg.arch, num_classes, cfg.dropout, head_hidden=cfg.head_hidden,
+                        keep_imagenet_head=cfg.keep_imagenet_head, image_size=image_size).eval()
     parameters = count_parameters(model)  # before thop adds its counting buffers
     with torch.no_grad():
-        macs, _ = thop.profile(model, inputs=(torch.zeros(1, 3, image_size, image_size),), verbose=False)
+        macs, _ = thop.profile(model, inputs=(torch.zeros(1, 3, image_size, image_size),), verbose=False,
+                               custom_ops={nn.MultiheadAttention: _attention_macs})
     macs = int(macs)
     return {"parameters": parameters, "macs": macs, "flops": 2 * macs,
             "gmacs": round(macs / 1e9, 4), "gflops": round(2 * macs / 1e9, 4)}
@@ -43,9 +56,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     }
     cache: dict[tuple, dict] = {}
     for name, cfg in params.variants.items():
-        key = (cfg.arch, cfg.dropout)
+        key = (cfg.arch, cfg.dropout, tuple(cfg.head_hidden), cfg.keep_imagenet_head)
         if key not in cache:
-            cache[key] = count_model(cfg.arch, k, cfg.dropout, size)
+            cache[key] = count_model(cfg, k, size)
         report["variants"][name] = {"arch": cfg.arch, **cache[key]}
         c = cache[key]
         print(f"flops {name}: {cfg.arch}, {c['parameters']:,} parameters, {c['gmacs']:.3f} GMACs "

@@ -11,6 +11,9 @@ bins, the paired comparisons and the FLOPs, and writes:
   epoch; the operating point and calibration; the paired comparisons;
 - `plots/data/curves.csv` and `plots/data/roc.csv`: one row per variant and
   point, drawn by the top-level `plots:` of dvc.yaml (colour = variant).
+
+Ensembles appear after the variants wherever test results are shown; they
+have no training curves, single epoch, FLOPs or study protocol ("–").
 """
 
 from __future__ import annotations
@@ -96,9 +99,11 @@ def with_ci(m: dict, key: str, digits: int = 4) -> str:
 
 
 def epochs_text(report: dict, which: str) -> str:
+    """The epoch of each seed's checkpoint; "–" for an ensemble, which has none."""
     if "per_seed" in report:
         return ", ".join(str(r[which]["epoch"]) for r in report["per_seed"].values())
-    return str(report[which]["epoch"])
+    epoch = report[which]["epoch"]
+    return "–" if epoch is None else str(epoch)
 
 
 def summary_table(variants, evals, trains, flops, classes, positive, comparison_md: str, level: float) -> str:
@@ -122,12 +127,12 @@ def summary_table(variants, evals, trains, flops, classes, positive, comparison_
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in variants:
-        m, f = evals[v]["best"], flops["variants"].get(v, {})
+        m, f = evals[v]["best"], flops["variants"].get(v)
         lines.append(
             f"| {v} | {epochs_text(evals[v], 'best')} | {with_ci(m, 'accuracy')} | {with_ci(m, 'f1')} | "
             f"{with_ci(m, 'sensitivity')} | {with_ci(m, 'specificity')} | {with_ci(m, 'roc_auc')} | "
-            f"{confusion_text(m['confusion_matrix'], classes)} | {f.get('parameters', 0):,} | "
-            f"{_fmt(f.get('gflops'), 2)} |")
+            f"{confusion_text(m['confusion_matrix'], classes)} | "
+            + (f"{f.get('parameters', 0):,} | {_fmt(f.get('gflops'), 2)} |" if f is not None else "– | – |"))
     lines += ["", "## Last epoch", "",
               "| variant | epoch | accuracy | F1 | sensitivity | specificity | ROC AUC | confusion |",
               "|---|---|---|---|---|---|---|---|"]
@@ -160,7 +165,7 @@ def summary_table(variants, evals, trains, flops, classes, positive, comparison_
             lines.append(f"| {v} | {op['threshold']:.4f} | {with_ci(op['test'], 'sensitivity')} | "
                          f"{with_ci(op['test'], 'specificity')} | {verdict} | {ece} |")
 
-    studies = {v: [r.get("study_protocol") for r in trains[v]["seeds"].values()] for v in variants}
+    studies = {v: [r.get("study_protocol") for r in trains[v]["seeds"].values()] for v in variants if v in trains}
     if any(all(s) for s in studies.values()):
         header = "| variant | epoch | accuracy | F1 | confusion |"
         rule = "|---|---|---|---|---|"
@@ -169,8 +174,7 @@ def summary_table(variants, evals, trains, flops, classes, positive, comparison_
             rule += "---|---|"
         lines += ["", "## The study's protocol: epoch picked by test F1 (leaks the test set; comparison only)",
                   "", header, rule]
-        for v in variants:
-            runs = studies[v]
+        for v, runs in studies.items():
             if not all(runs):
                 continue
             line = (f"| {v} | {', '.join(str(s['epoch']) for s in runs)} | "
@@ -198,9 +202,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     argparse.ArgumentParser(description=__doc__).parse_args(argv)
     params = load_params()
     variants = list(params.variants)
+    stage_of = {v: f"evaluate@{v}" for v in variants} | {e: f"ensemble@{e}" for e in params.ensembles}
+    scored = list(stage_of)  # the variants, then the ensembles
     positive = params.data.positive_class
 
-    evals = {v: read_json(_require(paths.eval_dir(v) / "metrics.json", f"evaluate@{v}")) for v in variants}
+    evals = {v: read_json(_require(paths.eval_dir(v) / "metrics.json", stage_of[v])) for v in scored}
     trains = {v: read_json(_require(paths.train_dir(v) / "metrics.json", f"train@{v}")) for v in variants}
     curves = {v: mean_curves([read_curves(paths.train_log(v, s)) for s in evals[v]["seeds"]]) for v in variants}
     flops = read_json(_require(paths.FLOPS, "flops"))
@@ -208,8 +214,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     classes = list(evals[variants[0]]["best"]["confusion_matrix"])
 
     rocs, reliability = {}, {}
-    for v in variants:
-        rows = read_rows(_require(paths.eval_dir(v) / "predictions.csv", f"evaluate@{v}"), f"evaluate@{v}")
+    for v in scored:
+        rows = read_rows(_require(paths.eval_dir(v) / "predictions.csv", stage_of[v]), stage_of[v])
         first_seed = rows[0]["seed"]
         rows = [r for r in rows if r["seed"] == first_seed]
         y = np.array([r["class"] == positive for r in rows])
@@ -219,26 +225,26 @@ def main(argv: Sequence[str] | None = None) -> None:
             per_seed = evals[v].get("per_seed")
             auc = per_seed[f"seed_{first_seed}"]["best"]["roc_auc"] if per_seed else evals[v]["best"]["roc_auc"]
             rocs[v] = (fpr, tpr, auc)
-        bins = read_rows(paths.eval_dir(v) / "calibration.csv", f"evaluate@{v}")
+        bins = read_rows(paths.eval_dir(v) / "calibration.csv", stage_of[v])
         reliability[v] = ([b for b in bins if b["seed"] == first_seed], evals[v]["best"]["ece"])
 
     with atomic_dir(paths.PLOTS) as out:
         best_epoch = {v: evals[v]["best"]["epoch"] for v in variants}
         figures.training_curves(curves, best_epoch, out / "training_curves.png")
         figures.metric_bars(
-            {v: {m: evals[v]["best"][m] for m in HEADLINE} for v in variants}, out / "test_metrics.png",
+            {v: {m: evals[v]["best"][m] for m in HEADLINE} for v in scored}, out / "test_metrics.png",
             f"Test metrics, best epoch on validation ({positive} positive; "
             f"bars: {params.stats.ci_level:.0%} bootstrap intervals)",
             {v: {m: (evals[v]["best"][m + "_ci"]["low"], evals[v]["best"][m + "_ci"]["high"]) for m in HEADLINE
-                 if evals[v]["best"].get(m + "_ci", {}).get("low") is not None} for v in variants})
+                 if evals[v]["best"].get(m + "_ci", {}).get("low") is not None} for v in scored})
         figures.confusion_matrices(
-            {v: [[evals[v]["best"]["confusion_matrix"][t][p] for p in classes] for t in classes] for v in variants},
+            {v: [[evals[v]["best"]["confusion_matrix"][t][p] for p in classes] for t in classes] for v in scored},
             classes, out / "confusion_matrices.png",
-            {v: f"epoch {epochs_text(evals[v], 'best')}, acc {evals[v]['best']['accuracy']:.4f}" for v in variants})
+            {v: f"epoch {epochs_text(evals[v], 'best')}, acc {evals[v]['best']['accuracy']:.4f}" for v in scored})
         if rocs:
             figures.roc_curves(rocs, positive, out / "roc_curves.png")
         figures.reliability(reliability, out / "reliability.png")
-        (out / "summary.md").write_text(summary_table(variants, evals, trains, flops, classes, positive,
+        (out / "summary.md").write_text(summary_table(scored, evals, trains, flops, classes, positive,
                                                       comparison_md, params.stats.ci_level))
 
         (out / "data").mkdir()

@@ -3,9 +3,16 @@
 The variant's settings are `train` with `experiments.<variant>` merged over
 it. Every epoch trains on `subset=train` of the training split, scores the
 validation hold-out (`subset=val`) and logs to DVCLive:
-loss, accuracy and F1 on train and validation, learning rate, images/s.
-The best epoch is chosen on validation (`train.select_metric`, ties to the
-lower validation loss), never on the test set.
+loss, accuracy and F1 on train and validation, per-class validation
+precision, recall, specificity and F1, learning rate, trainable parameters,
+images/s. The best epoch is chosen on validation (`train.select_metric`,
+ties to the lower validation loss), never on the test set; `train.patience`
+stops a run that many epochs after its best.
+
+What trains and how fast comes from params: freezing and progressive
+unfreezing (freezing.py), the optimiser and the per-epoch schedule
+(optim.py), class weights (losses.py) and a class-balanced sampler
+(datasets.py).
 
 With `train.log_test_curve` the test set is also scored each epoch and
 logged as `test_curve/*`, only to compare with the study, which picked its
@@ -54,21 +61,15 @@ from stages.datasets import (
 )
 from stages.engine import confusion_summary, predict, train_one_epoch
 from stages.errors import UserError, run_stage
+from stages.freezing import apply_freeze, phase_at, phases
 from stages.fsio import atomic_dir, remove, write_json
-from stages.losses import StudyLoss
+from stages.losses import StudyLoss, class_weights
 from stages.metrics import classification_metrics
 from stages.models import build_model, checkpoint_meta, count_parameters, load_checkpoint, save_checkpoint
+from stages.optim import make_optimizer, make_scheduler, scale_lr
 from stages.runtime import Runtime, seed_all, setup, teardown, torchrun_command
 
-HIGHER_IS_BETTER = {"f1": True, "accuracy": True, "roc_auc": True, "loss": False}
-
-
-def make_optimizer(params, cfg: TrainParams) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.9)
+HIGHER_IS_BETTER = {"f1": True, "macro_f1": True, "accuracy": True, "roc_auc": True, "loss": False}
 
 
 def make_loaders(cfg: TrainParams, fit: Split, val: Split, test: Split, rt: Runtime, seed: int):
@@ -77,7 +78,7 @@ def make_loaders(cfg: TrainParams, fit: Split, val: Split, test: Split, rt: Runt
     augment = build_augment(cfg.augmentations)
     settings = loader_settings(cfg, rt.device, augment is not None)
     loader = make_loader(ImageArrayDataset(fit, augment), cfg.batch_size, shuffle=True, seed=seed,
-                         settings=settings, rank=rt.rank, world_size=rt.world_size)
+                         settings=settings, rank=rt.rank, world_size=rt.world_size, balanced=cfg.balanced_sampler)
     eval_batch = max(cfg.batch_size, 64)
     plain_settings = LoaderSettings(pin_memory=settings.pin_memory)
 
@@ -143,21 +144,21 @@ def train_run(variant: str, cfg: TrainParams, seed: int, data: DataParams, rt: R
     positive = classes.index(data.positive_class)
     loader, val_loader, test_loader = make_loaders(cfg, fit, val, test, rt, seed)
 
-    model = build_model(cfg.arch, len(classes), cfg.dropout, cfg.pretrained).to(rt.device)
+    image_size = prepared_image_size()
+    model = build_model(cfg.arch, len(classes), cfg.dropout, cfg.pretrained, head_hidden=cfg.head_hidden,
+                        keep_imagenet_head=cfg.keep_imagenet_head, image_size=image_size).to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if rt.distributed and cfg.sync_batchnorm and rt.device.type == "cuda":  # PyTorch syncs on GPUs only
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    loss_fn = StudyLoss(model, cfg.l2_penalty)
-    optimizer = make_optimizer(model.parameters(), cfg)
-    net = model
-    if rt.distributed:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    if cfg.compile:
-        net = torch.compile(net)
+    weights = class_weights(cfg.class_weights, fit.labels, classes)
+    loss_fn = StudyLoss(model, cfg.l2_penalty, weights).to(rt.device)
+    optimizer = make_optimizer(model.parameters(), cfg)  # frozen parameters get no gradient, so no update
+    scheduler = make_scheduler(optimizer, cfg)
+    plan = phases(cfg.freeze, [p.model_dump() for p in cfg.progressive])
 
-    meta = checkpoint_meta(cfg.arch, cfg.dropout, classes, prepared_image_size(), data.mean, data.std,
+    meta = checkpoint_meta(cfg.arch, cfg.dropout, classes, image_size, data.mean, data.std,
+                           head_hidden=cfg.head_hidden, keep_imagenet_head=cfg.keep_imagenet_head,
                            variant=variant, seed=seed)
     name = f"{variant} seed {seed}"
     state_dir = paths.train_state(variant, seed)
@@ -176,11 +177,15 @@ def train_run(variant: str, cfg: TrainParams, seed: int, data: DataParams, rt: R
         if not len(val):
             print(f"train {name}: data.val_fraction is 0, so there is no validation set; "
                   "the last epoch stands in for the best")
+        if weights is not None:
+            print(f"train {name}: class weights " + ", ".join(f"{c} {w:.3f}" for c, w in zip(classes, weights.tolist())))
 
     best_key, best, study, first_epoch = None, None, None, 1
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["resume"]["scheduler"])
         if rt.scaler is not None and state["resume"].get("scaler"):
             rt.scaler.load_state_dict(state["resume"]["scaler"])
         r = state["resume"]
@@ -195,13 +200,32 @@ def train_run(variant: str, cfg: TrainParams, seed: int, data: DataParams, rt: R
             truncate_log(state_dir / "log", first_epoch - 1)
             live.step = first_epoch - 1
     started = time.perf_counter()
+    phase, net, trainable = phase_at(plan, first_epoch - 1) if first_epoch > 1 else None, None, 0
+    last_epoch = first_epoch - 1
+    stop = stops_early(cfg.patience, best, last_epoch)
     for epoch in range(first_epoch, cfg.epochs + 1):
+        if stop:
+            break
+        now = phase_at(plan, epoch)
+        if net is None or now != phase:
+            trainable = apply_freeze(model, now.freeze, cfg.arch, cfg.keep_imagenet_head)
+            if phase is not None and now != phase and now.lr_factor != phase.lr_factor:
+                scale_lr(optimizer, now.lr_factor / phase.lr_factor)
+            elif phase is None and now.lr_factor != 1:
+                scale_lr(optimizer, now.lr_factor)
+            if rt.is_main and (len(plan) > 1 or now.freeze != "none"):
+                print(f"train {name}: from epoch {epoch}, freeze {now.freeze}, lr x {now.lr_factor:g}: "
+                      f"{trainable:,} trainable parameters")
+            phase, net = now, wrap(model, rt, cfg.compile)  # DDP must see which parameters train
         seed_all(seed, epoch)
         set_epoch(loader, epoch)
         stats = train_one_epoch(net, loader, optimizer, loss_fn, rt, data.mean, data.std, len(classes),
                                 cfg.accumulate_steps, desc=f"{name} epoch {epoch}/{cfg.epochs}")
+        lr = optimizer.param_groups[0]["lr"]
+        if scheduler is not None:
+            scheduler.step()
         if not rt.is_main:
-            torch.distributed.barrier()
+            stop = agree_to_stop(False, rt)
             continue
 
         row = {"train/loss": stats["loss"], **{f"train/{k}": v for k, v in
@@ -210,7 +234,10 @@ def train_run(variant: str, cfg: TrainParams, seed: int, data: DataParams, rt: R
         if val_loader is not None:
             prob, y = predict(model, val_loader, rt, data.mean, data.std)
             val_metrics = classification_metrics(y, prob, classes, data.positive_class)
-            row.update({f"val/{k}": val_metrics[k] for k in ("loss", "accuracy", "f1", "roc_auc")})
+            val_metrics["macro_f1"] = val_metrics["macro"]["f1"]
+            row.update({f"val/{k}": val_metrics[k] for k in ("loss", "accuracy", "f1", "macro_f1", "roc_auc")})
+            row.update({f"val/{c}/{k}": val_metrics["per_class"][k][c]
+                        for c in classes for k in ("precision", "recall", "specificity", "f1")})
         if test_loader is not None:
             prob, y = predict(model, test_loader, rt, data.mean, data.std)
             test_metrics = classification_metrics(y, prob, classes, data.positive_class)
@@ -218,7 +245,8 @@ def train_run(variant: str, cfg: TrainParams, seed: int, data: DataParams, rt: R
             if study is None or test_metrics["f1"] > study["test_f1"]:
                 study = {"epoch": epoch, "test_accuracy": test_metrics["accuracy"],
                          "test_f1": test_metrics["f1"], "confusion_matrix": test_metrics["confusion_matrix"]}
-        row["lr"] = optimizer.param_groups[0]["lr"]
+        row["lr"] = lr
+        row["trainable_params"] = trainable
         row["images_per_s"] = stats["images_per_s"]
         for metric, value in row.items():
             if value is not None:
@@ -234,7 +262,8 @@ def train_run(variant: str, cfg: TrainParams, seed: int, data: DataParams, rt: R
         save_checkpoint(state_dir / "last.pt", model, meta, epoch=epoch, metrics=summary,
                         optimizer=optimizer.state_dict(),
                         resume={"fingerprint": fingerprint, "best_key": list(best_key), "best": best,
-                                "study": study, "scaler": rt.scaler.state_dict() if rt.scaler else None})
+                                "study": study, "scaler": rt.scaler.state_dict() if rt.scaler else None,
+                                "scheduler": scheduler.state_dict() if scheduler else None})
 
         elapsed = time.perf_counter() - started
         done = epoch - first_epoch + 1
@@ -242,22 +271,48 @@ def train_run(variant: str, cfg: TrainParams, seed: int, data: DataParams, rt: R
         val_text = (f" | val loss {val_metrics['loss']:.4f} acc {val_metrics['accuracy']:.4f} "
                     f"f1 {val_metrics['f1']:.4f}" if val_metrics else "")
         print(f"{name} epoch {epoch}/{cfg.epochs}: train loss {stats['loss']:.4f} "
-              f"acc {row['train/accuracy']:.4f}{val_text} | {stats['images_per_s']:.1f} img/s | "
+              f"acc {row['train/accuracy']:.4f}{val_text} | lr {lr:.3g} | {stats['images_per_s']:.1f} img/s | "
               f"elapsed {format_eta(elapsed)}, ETA {format_eta(eta)}", flush=True)
-        if rt.distributed:
-            torch.distributed.barrier()
+        last_epoch = epoch
+        stop = agree_to_stop(stops_early(cfg.patience, best, epoch), rt)
+        if stop and epoch < cfg.epochs:
+            print(f"train {name}: no better val/{cfg.select_metric} for {cfg.patience} epochs "
+                  f"since epoch {best['epoch']}; stopping early after epoch {epoch}")
 
     if live is None:
         return None
     live.end()
     publish(state_dir, variant, seed)
-    result = {"best": best}
+    result = {"best": best, "epochs_trained": last_epoch, "trainable_params": trainable}
     if study is not None:
         result["study_protocol"] = {
             **study, "note": "epoch chosen by test F1 as in the study; leaks the test set, for comparison only"}
     print(f"train {name}: best epoch {best['epoch']} by val/{cfg.select_metric}; "
           f"checkpoints in {paths.checkpoint(variant, seed, 'best').parent}")
     return result
+
+
+def wrap(model: torch.nn.Module, rt: Runtime, compile_model: bool) -> torch.nn.Module:
+    """The module the training step calls: DDP over the model when distributed, compiled if asked."""
+    net = model
+    if rt.distributed:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    return torch.compile(net) if compile_model else net
+
+
+def stops_early(patience: int | None, best: dict | None, epoch: int) -> bool:
+    """Early stopping: `patience` epochs have passed since the best one."""
+    return bool(patience and best and epoch - best["epoch"] >= patience)
+
+
+def agree_to_stop(stop: bool, rt: Runtime) -> bool:
+    """Rank 0's decision, given to every process (all must leave the loop together)."""
+    if not rt.distributed:
+        return stop
+    flag = torch.tensor([int(stop)], device=rt.device)
+    torch.distributed.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def run_fingerprint(cfg: TrainParams, data: DataParams, seed: int) -> str:
@@ -318,7 +373,7 @@ def publish(state_dir: Path, variant: str, seed: int) -> None:
 def _brief(metrics: dict | None) -> dict | None:
     if metrics is None:
         return None
-    return {k: metrics[k] for k in ("loss", "accuracy", "f1", "sensitivity", "specificity", "roc_auc")}
+    return {k: metrics[k] for k in ("loss", "accuracy", "f1", "macro_f1", "sensitivity", "specificity", "roc_auc")}
 
 
 if __name__ == "__main__":

@@ -111,3 +111,40 @@ def prepared_project(root: Path, n_per_class: int = 20, **changes) -> Path:
     for module in ("download", "split", "prepare", "preprocess"):
         run([sys.executable, "-m", f"stages.{module}"], cwd=project)
     return project
+
+
+def hub_weights_path(torch_home: Path, arch: str) -> Path:
+    """Where torchvision looks for `arch`'s ImageNet weights under TORCH_HOME."""
+    import torchvision
+    from urllib.parse import urlparse
+
+    url = torchvision.models.get_model_weights(arch).DEFAULT.url
+    return torch_home / "hub" / "checkpoints" / Path(urlparse(url).path).name
+
+
+def write_hub_weights(torch_home: Path, arch: str) -> Path:
+    """A stand-in for `arch`'s ImageNet weights (seeded random, right shapes) in the torch hub cache."""
+    import torch
+    import torchvision
+
+    path = hub_weights_path(torch_home, arch)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        torch.save(torchvision.models.get_model(arch, weights=None).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def hub_cache(tmp_path_factory) -> Path:
+    """A TORCH_HOME shared by the session; tests add the weights they need with `write_hub_weights`."""
+    return tmp_path_factory.mktemp("torch_home")
+
+
+@pytest.fixture
+def torch_home(hub_cache, monkeypatch) -> Path:
+    """TORCH_HOME pointing at `hub_cache`, holding stand-in ResNet-18 and ViT-B/16 ImageNet weights."""
+    for arch in ("resnet18", "vit_b_16"):
+        write_hub_weights(hub_cache, arch)
+    monkeypatch.setenv("TORCH_HOME", str(hub_cache))
+    return hub_cache

@@ -17,6 +17,7 @@ from tests.conftest import MINI, TINY, copy_project, dvc, git_repo, run, set_par
 from tests.synthetic import make_dataset
 
 VARIANTS = ["baseline", "regu_penalty", "dropout", "sharpness", "contrast"]
+ENSEMBLE = "all_variants"  # params.yaml's ensemble of the five
 
 
 def declared_outputs(project: Path) -> list[Path]:
@@ -43,13 +44,13 @@ def reproduced(tmp_path_factory):
 def test_repro_runs_every_stage_and_writes_every_output(reproduced):
     project, output = reproduced
     expected = {"download", "split", "prepare", "preprocess", "compare", "flops", "plots"}
-    expected |= {f"{s}@{v}" for s in ("train", "evaluate") for v in VARIANTS}
+    expected |= {f"{s}@{v}" for s in ("train", "evaluate") for v in VARIANTS} | {f"ensemble@{ENSEMBLE}"}
     assert ran_stages(output) == expected
 
     outputs = declared_outputs(project)
     # download 1, split 2, prepare 1, preprocess 1, train 3 and evaluate 6 per variant,
-    # compare 2, flops 1, plots 1
-    assert len(outputs) == 5 + 5 * (3 + 6) + 4
+    # ensemble 6, compare 2, flops 1, plots 1
+    assert len(outputs) == 5 + 5 * (3 + 6) + 6 + 4
     for path in outputs:
         assert path.exists(), path
     for v in VARIANTS:
@@ -98,8 +99,8 @@ def test_metrics_are_complete_and_in_range(reproduced):
     assert flops["variants"]["baseline"]["flops"] == 2 * flops["variants"]["baseline"]["macs"] > 0
 
     comparison = json.loads((project / "metrics/comparison.json").read_text())
-    assert comparison["reference"] == "baseline" and comparison["comparisons"] == 4
-    assert set(comparison["variants"]) == set(VARIANTS[1:])
+    assert comparison["reference"] == "baseline" and comparison["comparisons"] == 5
+    assert set(comparison["variants"]) == set(VARIANTS[1:]) | {ENSEMBLE}
     for r in comparison["variants"].values():
         for metric in ("accuracy", "f1", "roc_auc"):
             assert r[metric]["p_value"] <= r[metric]["p_holm"] <= 1
@@ -108,7 +109,7 @@ def test_metrics_are_complete_and_in_range(reproduced):
     assert all(f"**{v}** vs baseline" in table for v in VARIANTS[1:])
 
     summary = (project / "plots/summary.md").read_text()
-    assert all(f"| {v} |" in summary for v in VARIANTS)
+    assert all(f"| {v} |" in summary for v in VARIANTS + [ENSEMBLE])
     assert "Operating point" in summary and "Paired comparisons with `baseline`" in summary
 
 
@@ -118,8 +119,10 @@ def test_experiment_on_one_variant_reruns_only_it(reproduced):
     run(["git", "commit", "-qm", "reproduced"], cwd=project)
     # '+' adds a key the variant does not set yet (Hydra's override syntax)
     result = dvc("exp", "run", "-S", "+experiments.contrast.lr=0.003", cwd=project)
-    # no other variant trains or evaluates again; compare, flops and plots (seconds) read every variant
-    assert ran_stages(result.stdout) == {"train@contrast", "evaluate@contrast", "compare", "flops", "plots"}
+    # no other variant trains or evaluates again; the ensemble (which depends on all of models/), compare,
+    # flops and plots (seconds) read every variant
+    assert ran_stages(result.stdout) == {"train@contrast", "evaluate@contrast", f"ensemble@{ENSEMBLE}", "compare",
+                                         "flops", "plots"}
 
     diff = dvc("metrics", "diff", cwd=project).stdout  # what changed against HEAD
     assert "metrics/evaluate/contrast/metrics.json" in diff
@@ -174,6 +177,7 @@ def test_repro_on_real_chest_xrays(tmp_path):
                                          "data.classes": {"Healthy": "Healthy", "TB": "TB"}})
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["experiments"] = {"baseline": {}, "contrast": params["experiments"]["contrast"]}
+    params["ensembles"] = {"both": {"members": ["baseline", "contrast"], "voting": "hard"}}  # over seeds too
     params["train"]["seeds"] = [1, 2]  # also covers several seeds per variant
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git_repo(project)
@@ -191,6 +195,10 @@ def test_repro_on_real_chest_xrays(tmp_path):
     assert m["best"]["accuracy_sd"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2 ** 0.5)
     comparison = json.loads((project / "metrics/comparison.json").read_text())
     assert set(comparison["variants"]["contrast"]) >= {"seed_1", "seed_2", "mean_difference"}
+    assert "both" in comparison["variants"]
+    assert "| both | seed_1+2_vs_1 |" in (project / "metrics/comparison.md").read_text()  # all seeds: one run
+    both = json.loads((project / "metrics/evaluate/both/metrics.json").read_text())
+    assert both["seeds"] == [1, 2] and both["ensemble"]["voting"] == "hard" and both["best"]["n"] == 24
     for seed in (1, 2):
         assert (project / "models/contrast" / f"seed_{seed}" / "best.pt").is_file()
         assert (project / "metrics/train/contrast/seeds" / f"seed_{seed}" / "metrics.json").is_file()
