@@ -252,6 +252,11 @@ class CompareParams(_Section):
     reference: str
 
 
+class ExplainParams(_Section):
+    checkpoint: Literal["best", "last"]
+    per_group: int = Field(ge=1, le=16)
+
+
 class _ParamsFile(_Section):
     data: DataParams
     train: dict[str, Any]
@@ -259,6 +264,7 @@ class _ParamsFile(_Section):
     evaluate: EvaluateParams
     stats: StatsParams
     compare: CompareParams
+    explain: ExplainParams
 
     @model_validator(mode="after")
     def _reference_is_a_variant(self) -> "_ParamsFile":
@@ -277,6 +283,7 @@ class Params:
         self.evaluate = parsed.evaluate
         self.stats = parsed.stats
         self.compare = parsed.compare
+        self.explain = parsed.explain
         self.variants = variants
         self.train = _validate_train(dict(parsed.train), "train")
 
