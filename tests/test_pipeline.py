@@ -43,13 +43,13 @@ def reproduced(tmp_path_factory):
 def test_repro_runs_every_stage_and_writes_every_output(reproduced):
     project, output = reproduced
     expected = {"download", "split", "prepare", "preprocess", "compare", "flops", "plots"}
-    expected |= {f"{s}@{v}" for s in ("train", "evaluate") for v in VARIANTS}
+    expected |= {f"{s}@{v}" for s in ("train", "evaluate", "explain") for v in VARIANTS}
     assert ran_stages(output) == expected
 
     outputs = declared_outputs(project)
-    # download 1, split 2, prepare 1, preprocess 1, train 3 and evaluate 6 per variant,
+    # download 1, split 2, prepare 1, preprocess 1, train 3, evaluate 6 and explain 2 per variant,
     # compare 2, flops 1, plots 1
-    assert len(outputs) == 5 + 5 * (3 + 6) + 4
+    assert len(outputs) == 5 + 5 * (3 + 6 + 2) + 4
     for path in outputs:
         assert path.exists(), path
     for v in VARIANTS:
@@ -119,7 +119,8 @@ def test_experiment_on_one_variant_reruns_only_it(reproduced):
     # '+' adds a key the variant does not set yet (Hydra's override syntax)
     result = dvc("exp", "run", "-S", "+experiments.contrast.lr=0.003", cwd=project)
     # no other variant trains or evaluates again; compare, flops and plots (seconds) read every variant
-    assert ran_stages(result.stdout) == {"train@contrast", "evaluate@contrast", "compare", "flops", "plots"}
+    assert ran_stages(result.stdout) == {"train@contrast", "evaluate@contrast", "explain@contrast", "compare", "flops",
+                                         "plots"}
 
     diff = dvc("metrics", "diff", cwd=project).stdout  # what changed against HEAD
     assert "metrics/evaluate/contrast/metrics.json" in diff
