@@ -34,7 +34,7 @@ from stages.config import load_params
 from stages.engine import predict
 from stages.errors import UserError, run_stage
 from stages.fsio import atomic_file, read_json
-from stages.images import is_image_name, load_rgb, natural_key
+from stages.images import IMAGE_SUFFIXES, is_image_name, load_rgb, natural_key
 from stages.models import load_checkpoint, model_from_checkpoint
 from stages.runtime import Runtime, setup
 
@@ -150,7 +150,7 @@ def image_files(inputs: Sequence[str]) -> list[Path]:
     files = list(dict.fromkeys(files))
     if not files:
         raise UserError(f"no images found in {', '.join(inputs)} (looked for "
-                        f"{', '.join(sorted({'.png', '.jpg', '.jpeg', '.tif', '.tiff'}))} and similar)")
+                        f"{', '.join(sorted(IMAGE_SUFFIXES))})")
     return files
 
 
