@@ -337,6 +337,9 @@ class EnsembleParams(_Section):
         if len(set(members)) != len(members):
             raise ValueError("members must be distinct variants")
         return members
+class ExplainParams(_Section):
+    checkpoint: Literal["best", "last"]
+    per_group: int = Field(ge=1, le=16)
 
 
 class _ParamsFile(_Section):
@@ -347,6 +350,7 @@ class _ParamsFile(_Section):
     stats: StatsParams
     compare: CompareParams
     ensembles: dict[str, EnsembleParams]
+    explain: ExplainParams
 
     @model_validator(mode="after")
     def _reference_is_a_variant(self) -> "_ParamsFile":
@@ -366,6 +370,7 @@ class Params:
         self.stats = parsed.stats
         self.compare = parsed.compare
         self.ensembles = parsed.ensembles
+        self.explain = parsed.explain
         self.variants = variants
         self.train = _validate_train(dict(parsed.train), "train")
 

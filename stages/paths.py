@@ -18,6 +18,7 @@ FLOPS = METRICS / "flops.json"
 COMPARISON = METRICS / "comparison.json"
 COMPARISON_TABLE = METRICS / "comparison.md"
 PLOTS = Path("plots")
+EXPLANATIONS = Path("explanations")  # explain: <variant>/gallery.png, gallery.csv
 TRAIN_STATE = Path(".train-state")  # train: runs in progress (not a DVC output)
 
 
@@ -50,3 +51,8 @@ def train_state(variant: str, seed: int) -> Path:
 def eval_dir(variant: str) -> Path:
     """A variant's test results: metrics.json, predictions.csv, plots/sklearn/*.json."""
     return METRICS / "evaluate" / variant
+
+
+def explain_dir(variant: str) -> Path:
+    """A variant's Grad-CAM gallery over test images: gallery.png and gallery.csv."""
+    return EXPLANATIONS / variant

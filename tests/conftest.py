@@ -14,7 +14,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 MINI = SHARED_DATA / "tb-cxr-mini"
-PROJECT_FILES = ("stages", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/plots", ".dvcignore", ".gitignore")
+PROJECT_FILES = ("stages", "app", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/plots", ".dvcignore", ".gitignore")
 
 # Small enough for two CPU cores: 32 px images, ResNet-18, two epochs.
 TINY = {
@@ -148,3 +148,20 @@ def torch_home(hub_cache, monkeypatch) -> Path:
         write_hub_weights(hub_cache, arch)
     monkeypatch.setenv("TORCH_HOME", str(hub_cache))
     return hub_cache
+
+
+@pytest.fixture(scope="session")
+def trained_project(tmp_path_factory) -> Path:
+    """A tiny project (synthetic X-rays, TINY settings) in a git repository where
+    `dvc repro` has trained and evaluated the baseline only. Shared by the
+    tests of the prediction command, the explain stage and the web page."""
+    from tests.synthetic import make_dataset
+
+    root = tmp_path_factory.mktemp("trained")
+    source = make_dataset(root / "source", n_per_class=20, size=64)
+    project = copy_project(root / "project")
+    # 64 px, not 32: ResNet's last block then has a 2 x 2 map for Grad-CAM, not a single value
+    set_params(project / "params.yaml", {**TINY, "data.source": str(source), "data.image_size": 64})
+    git_repo(project)
+    dvc("repro", "evaluate@baseline", cwd=project)
+    return project

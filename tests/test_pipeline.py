@@ -44,13 +44,13 @@ def reproduced(tmp_path_factory):
 def test_repro_runs_every_stage_and_writes_every_output(reproduced):
     project, output = reproduced
     expected = {"download", "split", "prepare", "preprocess", "compare", "flops", "plots"}
-    expected |= {f"{s}@{v}" for s in ("train", "evaluate") for v in VARIANTS} | {f"ensemble@{ENSEMBLE}"}
+    expected |= {f"{s}@{v}" for s in ("train", "evaluate", "explain") for v in VARIANTS} | {f"ensemble@{ENSEMBLE}"}
     assert ran_stages(output) == expected
 
     outputs = declared_outputs(project)
-    # download 1, split 2, prepare 1, preprocess 1, train 3 and evaluate 6 per variant,
+    # download 1, split 2, prepare 1, preprocess 1, train 3, evaluate 6 and explain 2 per variant,
     # ensemble 6, compare 2, flops 1, plots 1
-    assert len(outputs) == 5 + 5 * (3 + 6) + 6 + 4
+    assert len(outputs) == 5 + 5 * (3 + 6 + 2) + 6 + 4
     for path in outputs:
         assert path.exists(), path
     for v in VARIANTS:
@@ -121,8 +121,8 @@ def test_experiment_on_one_variant_reruns_only_it(reproduced):
     result = dvc("exp", "run", "-S", "+experiments.contrast.lr=0.003", cwd=project)
     # no other variant trains or evaluates again; the ensemble (which depends on all of models/), compare,
     # flops and plots (seconds) read every variant
-    assert ran_stages(result.stdout) == {"train@contrast", "evaluate@contrast", f"ensemble@{ENSEMBLE}", "compare",
-                                         "flops", "plots"}
+    assert ran_stages(result.stdout) == {"train@contrast", "evaluate@contrast", "explain@contrast",
+                                         f"ensemble@{ENSEMBLE}", "compare", "flops", "plots"}
 
     diff = dvc("metrics", "diff", cwd=project).stdout  # what changed against HEAD
     assert "metrics/evaluate/contrast/metrics.json" in diff
