@@ -16,13 +16,14 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 MINI = SHARED_DATA / "tb-cxr-mini"
 PROJECT_FILES = ("stages", "app", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/plots", ".dvcignore", ".gitignore")
 
-# Small enough for two CPU cores: 32 px images, ResNet-18, two epochs.
+# Small enough for two CPU cores: 32 px images, ResNet-18, two epochs, 200 bootstrap resamples.
 TINY = {
     "data.image_size": 32,
     "train.arch": "resnet18",
     "train.epochs": 2,
     "train.batch_size": 8,
     "evaluate.batch_size": 32,
+    "stats.resamples": 200,
 }
 
 
