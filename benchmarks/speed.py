@@ -413,12 +413,12 @@ def measure_model(pipe: Pipeline, args, defaults: dict, log: Progress) -> dict:
     """Training and evaluation images/s of both sides, in `args.model_rounds` rounds taking turns
     (so a burst of load elsewhere hits both); each side's images over its total time."""
     import torchvision
-    from stages.datasets import ImageArrayDataset, LoaderSettings, Split, make_loader, set_epoch
+    from stages.datasets import ImageArrayDataset, LoaderSettings, Split, eval_batch_size, make_loader, set_epoch
     from stages.engine import predict, train_one_epoch
     from stages.losses import StudyLoss
     from stages.models import build_model
     from stages.runtime import seed_all
-    from stages.train import make_optimizer
+    from stages.optim import make_optimizer
 
     cfg = pipe.params.variant("baseline")
     data, ev = pipe.params.data, pipe.params.evaluate
@@ -455,7 +455,8 @@ def measure_model(pipe: Pipeline, args, defaults: dict, log: Progress) -> dict:
     accumulate = getattr(cfg, "accumulate_steps", 1)
     test = pipe.test
     subset = Split(test.images[:n_eval], test.labels[:n_eval], test.rows[:n_eval], test.classes)
-    eval_loader = make_loader(ImageArrayDataset(subset), ev.batch_size, shuffle=False, seed=0,
+    eval_batch = eval_batch_size(ev.batch_size, device)
+    eval_loader = make_loader(ImageArrayDataset(subset), eval_batch, shuffle=False, seed=0,
                               settings=LoaderSettings(pin_memory=device.type == "cuda"))
 
     def pipeline_train(batches: int, epoch: int) -> int:
@@ -520,7 +521,7 @@ def measure_model(pipe: Pipeline, args, defaults: dict, log: Progress) -> dict:
     pipe_t = side("pipeline_train", cfg.batch_size, rt.describe(), steps=sum(steps),
                   loader_workers=loader.num_workers)
     study_e = side("study_eval", STUDY_BATCH, "fp32", grad=True)
-    pipe_e = side("pipeline_eval", ev.batch_size, rt.describe(), grad=False)
+    pipe_e = side("pipeline_eval", eval_batch, rt.describe(), grad=False)
     out["train"] = {"study": study_t, "pipeline": pipe_t, "ratio": pipe_t["images_per_s"] / study_t["images_per_s"]}
     out["eval"] = {"study": study_e, "pipeline": pipe_e, "ratio": pipe_e["images_per_s"] / study_e["images_per_s"]}
     return out
@@ -600,7 +601,8 @@ def memory_child(argv: list[str]) -> None:
     from stages.losses import StudyLoss
     from stages.models import build_model
     from stages.runtime import seed_all, setup
-    from stages.train import make_loaders, make_optimizer
+    from stages.optim import make_optimizer
+    from stages.train import make_loaders
 
     _report("imports")
     params = load_params()

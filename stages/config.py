@@ -282,7 +282,7 @@ class TrainParams(_Section):
     @field_validator("num_workers", "processes")
     @classmethod
     def _count_or_auto(cls, value: Union[int, str], info: ValidationInfo) -> Union[int, str]:
-        least = {"num_workers": 0, "processes": 1}[info.field_name]
+        least = {"num_workers": 0, "processes": 1, "batch_size": 1}[info.field_name]
         if isinstance(value, int) and value < least:
             raise ValueError(f"{info.field_name} must be >= {least} or 'auto'")
         return value
@@ -308,10 +308,12 @@ class TppParams(_Section):
 
 
 class EvaluateParams(_Section):
-    batch_size: int = Field(gt=0)
+    batch_size: Union[int, Literal["auto"]]
     target_sensitivity: float = Field(gt=0, le=1)
     who_tpp: TppParams
     calibration_bins: int = Field(ge=2, le=100)
+
+    _batch_size = field_validator("batch_size")(TrainParams._count_or_auto.__func__)
 
 
 class StatsParams(_Section):

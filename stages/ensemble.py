@@ -30,7 +30,7 @@ import numpy as np
 
 from stages import paths
 from stages.config import load_params
-from stages.datasets import prepared_image_size
+from stages.datasets import eval_batch_size, prepared_image_size
 from stages.errors import run_stage
 from stages.evaluate import CHECKPOINTS, ByRun, predict_checkpoint, report_and_write, runtime, scoring_data
 
@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     params = load_params()
     spec = params.ensemble(args.ensemble)
     rt = runtime(params)
-    test, y_val, loaders = scoring_data(params.evaluate.batch_size, rt)
+    test, y_val, loaders = scoring_data(eval_batch_size(params.evaluate.batch_size, rt.device), rt)
     image_size = prepared_image_size()
 
     member_test: dict[str, list[np.ndarray]] = {w: [] for w in CHECKPOINTS}

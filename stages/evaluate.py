@@ -36,7 +36,8 @@ from torch.utils.data import DataLoader
 
 from stages import paths
 from stages.config import Params, load_params
-from stages.datasets import ImageArrayDataset, LoaderSettings, Split, load_split, make_loader, prepared_image_size
+from stages.datasets import (ImageArrayDataset, LoaderSettings, Split, eval_batch_size, load_split, make_loader,
+                             prepared_image_size)
 from stages.engine import predict
 from stages.errors import UserError, run_stage
 from stages.fsio import atomic_file, write_json
@@ -104,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     params = load_params()
     seeds = params.variant(args.variant).seeds
     rt = runtime(params)
-    test, y_val, loaders = scoring_data(params.evaluate.batch_size, rt)
+    test, y_val, loaders = scoring_data(eval_batch_size(params.evaluate.batch_size, rt.device), rt)
     image_size = prepared_image_size()
 
     probs: ByRun = {w: {} for w in CHECKPOINTS}

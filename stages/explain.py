@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 from stages import paths  # noqa: E402
 from stages.cam import overlay  # noqa: E402
 from stages.config import load_params  # noqa: E402
-from stages.datasets import load_split, prepared_image_size  # noqa: E402
+from stages.datasets import eval_batch_size, load_split, prepared_image_size  # noqa: E402
 from stages.errors import UserError, run_stage  # noqa: E402
 from stages.evaluate import load_for_test  # noqa: E402
 from stages.fsio import atomic_file  # noqa: E402
@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     predictor = make_predictor(ckpt, path, positive_class, threshold, device=params.train.device)
     positive = test.classes.index(positive_class)
 
-    probs = predictor.probabilities(test.images, params.evaluate.batch_size)
+    probs = predictor.probabilities(test.images, eval_batch_size(params.evaluate.batch_size, predictor.rt.device))
     decided = np.array([test.classes.index(d) for d in predictor.decisions(probs)])
     picked = pick(test.labels, decided, probs[:, positive], positive, per_group)
     shown = np.sort(np.concatenate(list(picked.values())))  # ascending: one pass over the memory map

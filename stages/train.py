@@ -53,6 +53,7 @@ from stages.datasets import (
     LoaderSettings,
     Split,
     build_augment,
+    eval_batch_size,
     load_split,
     loader_settings,
     make_loader,
@@ -76,10 +77,10 @@ def make_loaders(cfg: TrainParams, fit: Split, val: Split, test: Split, rt: Runt
     """Training loader (augmented, shuffled, sharded under DDP); validation and test
     loaders (never augmented, in one process; the test loader only when `log_test_curve`)."""
     augment = build_augment(cfg.augmentations)
-    settings = loader_settings(cfg, rt.device, augment is not None)
+    settings = loader_settings(cfg, rt.device)
     loader = make_loader(ImageArrayDataset(fit, augment), cfg.batch_size, shuffle=True, seed=seed,
                          settings=settings, rank=rt.rank, world_size=rt.world_size, balanced=cfg.balanced_sampler)
-    eval_batch = max(cfg.batch_size, 64)
+    eval_batch = eval_batch_size("auto", rt.device)
     plain_settings = LoaderSettings(pin_memory=settings.pin_memory)
 
     def plain(split: Split):

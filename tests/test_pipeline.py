@@ -35,7 +35,8 @@ def reproduced(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     source = make_dataset(root / "source", n_per_class=30, size=48)
     project = copy_project(root / "project")
-    set_params(project / "params.yaml", {**TINY, "data.source": str(source)})
+    # sharpness augments in a loader worker (the CPU default is none), for the determinism test
+    set_params(project / "params.yaml", {**TINY, "data.source": str(source), "experiments.sharpness.num_workers": 1})
     git_repo(project)
     result = dvc("repro", cwd=project)
     return project, result.stdout + result.stderr
@@ -143,8 +144,8 @@ def test_experiment_on_one_variant_reruns_only_it(reproduced):
 
 
 def test_a_repeated_cpu_run_reproduces_weights_and_metrics_exactly(reproduced):
-    """train.deterministic: auto is on for the CPU. `sharpness` augments, so its
-    loader runs worker processes: the augmentation draws must repeat too.
+    """train.deterministic: auto is on for the CPU. `sharpness` augments in a
+    loader worker process here: the augmentation draws must repeat too.
     (Runs after the experiment test: only the DVCLive log, which records
     images/s, differs afterwards.)"""
     project, _ = reproduced
