@@ -46,8 +46,8 @@ def show_result(name: str, image: np.ndarray, predictor: Predictor) -> None:
 
 
 params = load_params()
-st.set_page_config(page_title="Chest X-ray TB classifier", layout="wide")
-st.title("Chest X-ray: healthy or TB?")
+st.set_page_config(page_title="Chest X-ray classifier", layout="wide")
+st.title(f"Chest X-ray: {' or '.join(params.data.classes)}?")
 st.caption("A research model trained by this pipeline, not a medical device.")
 
 variants = trained_variants(params)

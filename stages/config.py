@@ -363,7 +363,7 @@ class _ParamsFile(_Section):
 
 
 class Params:
-    """Validated params: `data`, `evaluate`, and one `TrainParams` per variant."""
+    """Validated params: one section object per section of params.yaml, and one `TrainParams` per variant."""
 
     def __init__(self, raw: Mapping[str, Any], parsed: _ParamsFile, variants: dict[str, TrainParams]):
         self.raw = raw
