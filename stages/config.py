@@ -104,6 +104,14 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _count_or_auto(value: Union[int, str], info: ValidationInfo) -> Union[int, str]:
+    """A field validator: an int at least the field's minimum, or 'auto'."""
+    least = {"num_workers": 0, "processes": 1, "batch_size": 1}[info.field_name]
+    if isinstance(value, int) and value < least:
+        raise ValueError(f"{info.field_name} must be >= {least} or 'auto'")
+    return value
+
+
 class DataParams(_Section):
     source: str = Field(min_length=1)
     sha256: Optional[str] = Field(pattern=r"^[0-9a-fA-F]{64}$")
@@ -279,13 +287,7 @@ class TrainParams(_Section):
             raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
         return device
 
-    @field_validator("num_workers", "processes")
-    @classmethod
-    def _count_or_auto(cls, value: Union[int, str], info: ValidationInfo) -> Union[int, str]:
-        least = {"num_workers": 0, "processes": 1, "batch_size": 1}[info.field_name]
-        if isinstance(value, int) and value < least:
-            raise ValueError(f"{info.field_name} must be >= {least} or 'auto'")
-        return value
+    _counts = field_validator("num_workers", "processes")(_count_or_auto)
 
     @field_validator("rendezvous")
     @classmethod
@@ -313,7 +315,7 @@ class EvaluateParams(_Section):
     who_tpp: TppParams
     calibration_bins: int = Field(ge=2, le=100)
 
-    _batch_size = field_validator("batch_size")(TrainParams._count_or_auto.__func__)
+    _batch_size = field_validator("batch_size")(_count_or_auto)
 
 
 class StatsParams(_Section):
@@ -378,21 +380,18 @@ class Params:
 
     def variant(self, name: str) -> TrainParams:
         """The settings of one variant; an unknown name is a `UserError`."""
-        if name not in self.variants:
-            raise UserError(
-                f"unknown variant {name!r}{_did_you_mean(name, self.variants)}; "
-                f"params.yaml defines experiments: {', '.join(self.variants)}"
-            )
-        return self.variants[name]
+        return _lookup("variant", "experiments", name, self.variants)
 
     def ensemble(self, name: str) -> EnsembleParams:
         """The settings of one ensemble; an unknown name is a `UserError`."""
-        if name not in self.ensembles:
-            raise UserError(
-                f"unknown ensemble {name!r}{_did_you_mean(name, self.ensembles)}; "
-                f"params.yaml defines ensembles: {', '.join(self.ensembles) or 'none'}"
-            )
-        return self.ensembles[name]
+        return _lookup("ensemble", "ensembles", name, self.ensembles)
+
+
+def _lookup(kind: str, section: str, name: str, table: Mapping[str, Any]):
+    if name not in table:
+        raise UserError(f"unknown {kind} {name!r}{_did_you_mean(name, table)}; "
+                        f"params.yaml defines {section}: {', '.join(table) or 'none'}")
+    return table[name]
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
