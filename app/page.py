@@ -12,11 +12,11 @@ import io
 import numpy as np
 import streamlit as st
 
-from stages.cam import overlay
-from stages.config import load_params
-from stages.images import IMAGE_SUFFIXES
-from stages.predict import Predictor, decode, variant_predictor
-from stages.webapp import metrics_table, trained_variants
+from cxrlab.explain.cam import overlay
+from cxrlab.config.schema import load_params
+from cxrlab.data.images import IMAGE_SUFFIXES
+from cxrlab.serving.predict import Predictor, decode, variant_predictor
+from cxrlab.serving.webapp import metrics_table, trained_variants
 
 DISPLAY_WIDTH = 256  # px on the page; small training sizes are scaled up
 

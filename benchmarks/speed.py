@@ -9,13 +9,13 @@ repository root:
 1. Data path alone (no model). The study's loader decodes the full-size PNG
    with PIL for every item (RGB, Resize, ToTensor, Normalize; batch 4,
    shuffled, no workers); the pipeline's reads the uint8 arrays written by
-   its own preprocess stage through `stages.train.make_loaders` and
-   normalises with `stages.datasets.to_model_input`. Baseline (no
+   its own preprocess stage through `cxrlab.training.loop.make_loaders` and
+   normalises with `cxrlab.data.datasets.to_model_input`. Baseline (no
    augmentation) and contrast (ColorJitter on the CPU) variants.
 2. Model step at the same model and image size: training images/s of the
    study's loop (fp32, Adam lr 1e-4, cross-entropy) vs
-   `stages.engine.train_one_epoch`, and evaluation images/s of the study's
-   (eval mode but gradients on, batch 4) vs `stages.engine.predict` at
+   `cxrlab.training.engine.train_one_epoch`, and evaluation images/s of the study's
+   (eval mode but gradients on, batch 4) vs `cxrlab.training.engine.predict` at
    `evaluate.batch_size`.
 3. Wall time of the split, prepare and preprocess stages on N 512 px PNGs at
    TBX11K's class ratio, and of a no-op `dvc repro` of the whole pipeline.
@@ -111,7 +111,7 @@ def sync(device: torch.device) -> None:
 
 
 def torch_flags() -> dict:
-    """The global switches `stages.runtime.setup` changes, to give the study side torch's defaults."""
+    """The global switches `cxrlab.training.runtime.setup` changes, to give the study side torch's defaults."""
     return {
         "deterministic": torch.are_deterministic_algorithms_enabled(),
         "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
@@ -305,9 +305,9 @@ class Pipeline:
     """The project's params, splits and runtime for one temporary project."""
 
     def __init__(self, project: Path, device_spec: str):
-        from stages import paths
-        from stages.config import load_params
-        from stages.datasets import load_split
+        from cxrlab import paths
+        from cxrlab.config.schema import load_params
+        from cxrlab.data.datasets import load_split
 
         self.project, self.device_spec = project, device_spec
         self.params = load_params(project / "params.yaml")
@@ -317,12 +317,12 @@ class Pipeline:
         self.classes = self.fit.classes
 
     def runtime(self, cfg):
-        from stages.runtime import setup
+        from cxrlab.training.runtime import setup
 
         return setup(self.device_spec, cfg.amp, cfg.channels_last, cfg.deterministic)
 
     def loaders(self, cfg, rt, seed: int):
-        from stages.train import make_loaders
+        from cxrlab.training.loop import make_loaders
 
         return make_loaders(cfg, self.fit, self.val, self.test, rt, seed)
 
@@ -354,7 +354,7 @@ def throughput(batches, handle, seconds: float, device: torch.device) -> dict:
 # ------------------------------------------------------------ 1. data path
 def measure_data(pipe: Pipeline, args, defaults: dict, log: Progress) -> dict:
     """Both loaders of each variant, `args.rounds` rounds taking turns; the median round counts."""
-    from stages.datasets import set_epoch, to_model_input
+    from cxrlab.data.datasets import set_epoch, to_model_input
 
     data = pipe.params.data
     files, labels = split_files(pipe.project, "train", "train")
@@ -413,12 +413,12 @@ def measure_model(pipe: Pipeline, args, defaults: dict, log: Progress) -> dict:
     """Training and evaluation images/s of both sides, in `args.model_rounds` rounds taking turns
     (so a burst of load elsewhere hits both); each side's images over its total time."""
     import torchvision
-    from stages.datasets import ImageArrayDataset, LoaderSettings, Split, eval_batch_size, make_loader, set_epoch
-    from stages.engine import predict, train_one_epoch
-    from stages.losses import StudyLoss
-    from stages.models import build_model
-    from stages.runtime import seed_all
-    from stages.optim import make_optimizer
+    from cxrlab.data.datasets import ImageArrayDataset, LoaderSettings, Split, eval_batch_size, make_loader, set_epoch
+    from cxrlab.training.engine import predict, train_one_epoch
+    from cxrlab.model.losses import StudyLoss
+    from cxrlab.model.backbones import build_model
+    from cxrlab.training.runtime import seed_all
+    from cxrlab.model.optim import make_optimizer
 
     cfg = pipe.params.variant("baseline")
     data, ev = pipe.params.data, pipe.params.evaluate
@@ -595,14 +595,14 @@ def memory_child(argv: list[str]) -> None:
     its second epoch (every page of the prepared arrays read), for `steps` steps and one validation batch."""
     variant, steps, threads = argv[0], int(argv[1]), int(argv[2])
     torch.set_num_threads(threads)
-    from stages.config import load_params
-    from stages.datasets import load_split, set_epoch
-    from stages.engine import predict, train_one_epoch
-    from stages.losses import StudyLoss
-    from stages.models import build_model
-    from stages.runtime import seed_all, setup
-    from stages.optim import make_optimizer
-    from stages.train import make_loaders
+    from cxrlab.config.schema import load_params
+    from cxrlab.data.datasets import load_split, set_epoch
+    from cxrlab.training.engine import predict, train_one_epoch
+    from cxrlab.model.losses import StudyLoss
+    from cxrlab.model.backbones import build_model
+    from cxrlab.training.runtime import seed_all, setup
+    from cxrlab.model.optim import make_optimizer
+    from cxrlab.training.loop import make_loaders
 
     _report("imports")
     params = load_params()
@@ -844,8 +844,8 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()
     args.workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    from stages.config import load_params
-    from stages.runtime import pick_device
+    from cxrlab.config.schema import load_params
+    from cxrlab.training.runtime import pick_device
 
     device = pick_device(args.device)
     results: dict = {"machine": machine(device, args.threads),

@@ -12,11 +12,11 @@ import errno
 import argparse
 from typing import Sequence
 
-from stages import paths
-from stages.config import load_params
-from stages.errors import UserError, run_stage
-from stages.fetch import fetch
-from stages.fsio import atomic_dir
+from cxrlab import paths
+from cxrlab.config.schema import load_params
+from cxrlab.errors import UserError, run_stage
+from cxrlab.data.fetch import fetch
+from cxrlab.io.fsio import atomic_dir
 
 
 def main(argv: Sequence[str] | None = None) -> None:

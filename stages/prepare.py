@@ -11,11 +11,11 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from stages import paths
-from stages.config import load_params
-from stages.errors import UserError, run_stage
-from stages.fsio import atomic_dir, link_or_copy
-from stages.records import read_rows
+from cxrlab import paths
+from cxrlab.config.schema import load_params
+from cxrlab.errors import UserError, run_stage
+from cxrlab.io.fsio import atomic_dir, link_or_copy
+from cxrlab.io.records import read_rows
 
 
 def main(argv: Sequence[str] | None = None) -> None:

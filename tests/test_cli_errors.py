@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.errors import run_stage
-from stages.fsio import atomic_file
+from cxrlab.errors import run_stage
+from cxrlab.io.fsio import atomic_file
 from tests.conftest import set_params, stage
 from tests.synthetic import make_dataset
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from stages.config import deep_merge, load_params
-from stages.errors import UserError
+from cxrlab.config.schema import deep_merge, load_params
+from cxrlab.errors import UserError
 from tests.conftest import ROOT, set_params
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.errors import UserError
-from stages.runtime import torchrun_command
+from cxrlab.errors import UserError
+from cxrlab.training.runtime import torchrun_command
 from tests.conftest import prepared_project, run, set_params
 
 

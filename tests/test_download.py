@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from stages import download, fetch
-from stages.errors import UserError
+from cxrlab.data import fetch
+from stages import download
+from cxrlab.errors import UserError
 from tests.conftest import set_params
 
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import yaml
 
-from stages.config import load_params
-from stages import ensemble
-from stages.ensemble import TIE_BREAK, combine
-from stages.errors import UserError
+from cxrlab.config.schema import load_params
+from cxrlab.evaluation import ensemble
+from cxrlab.evaluation.ensemble import TIE_BREAK, combine
+from cxrlab.errors import UserError
 from tests.conftest import ROOT, prepared_project, run, set_params
 
 MEMBERS = ["baseline", "dropout"]

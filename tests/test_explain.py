@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.cam import heatmaps, overlay, target_layer, vit_tokens_to_grid
-from stages.config import ARCHITECTURES
-from stages.explain import pick
-from stages.models import build_model, head
+from cxrlab.explain.cam import heatmaps, overlay, target_layer, vit_tokens_to_grid
+from cxrlab.config.schema import ARCHITECTURES
+from cxrlab.explain.gallery import pick
+from cxrlab.model.backbones import build_model, head
 from tests.conftest import dvc
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.datasets import to_model_input
-from stages.images import check_image, load_rgb
+from cxrlab.data.datasets import to_model_input
+from cxrlab.data.images import check_image, load_rgb
 
 GRAY = 200  # the grey level every file below encodes
 

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
-from stages.config import load_params
-from stages.datasets import EpochSampler, ImageArrayDataset, LoaderSettings, Split, build_augment, make_loader, set_epoch
-from stages.engine import predict
-from stages.errors import UserError
-from stages.losses import StudyLoss, l2_penalty
-from stages.models import (
+from cxrlab.config.schema import load_params
+from cxrlab.data.datasets import EpochSampler, ImageArrayDataset, LoaderSettings, Split, build_augment, make_loader, set_epoch
+from cxrlab.training.engine import predict
+from cxrlab.errors import UserError
+from cxrlab.model.losses import StudyLoss, l2_penalty
+from cxrlab.model.backbones import (
     build_model,
     checkpoint_meta,
     count_parameters,
@@ -22,8 +22,8 @@ from stages.models import (
     model_from_checkpoint,
     save_checkpoint,
 )
-from stages.runtime import Runtime
-from stages.train import make_loaders
+from cxrlab.training.runtime import Runtime
+from cxrlab.training.loop import make_loaders
 from tests.conftest import ROOT
 
 CPU = Runtime(device=torch.device("cpu"))

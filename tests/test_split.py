@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from stages import split
-from stages.errors import UserError
-from stages.images import natural_key
-from stages.layout import find_class_folders, list_class
+from cxrlab.data import split
+from cxrlab.errors import UserError
+from cxrlab.data.images import natural_key
+from cxrlab.data.layout import find_class_folders, list_class
 from tests.conftest import set_params
 
 TBX11K_LIST = Path(__file__).parent / "data" / "tbx11k_health_tb.txt"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from stages import stats
-from stages.metrics import classification_metrics
+from cxrlab.evaluation import stats
+from cxrlab.evaluation.metrics import classification_metrics
 
 
 def test_stratified_resamples_keep_class_sizes():

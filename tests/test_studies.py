@@ -16,7 +16,16 @@ import numpy as np
 import pytest
 import yaml
 
-from stages import compare, download, ensemble, evaluate, flops, plots, prepare, preprocess, split, study, train
+from cxrlab.evaluation import compare
+from cxrlab.evaluation import ensemble
+from cxrlab.evaluation import evaluate
+from cxrlab.model import flops
+from cxrlab.reports import plots
+from cxrlab.data import preprocess
+from cxrlab.data import split
+from cxrlab.config import studies
+from cxrlab.training import loop
+from stages import download, prepare
 from tests.conftest import copy_project, set_params, write_hub_weights
 from tests.synthetic import make_dataset
 

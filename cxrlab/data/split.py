@@ -1,0 +1,152 @@
+"""Stage `split`: the study's per-class split by ID, plus a validation hold-out.
+
+Per class, images are sorted by their numeric ID; the first
+floor(test_fraction * n) are the test set, the rest the training set, as in
+the study. From each class's training part, round(val_fraction * n_train)
+images drawn at random with `data.seed` are marked `subset=val`: the training
+stage selects its best epoch on them and never looks at the test set.
+
+Writes `data/split/train.csv` (subset train or val) and `test.csv`, with
+columns filename, label, class, subset, path (relative to data/raw), and the
+report `metrics/split.json`: per class and split, the count and the first and
+last file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from decimal import Decimal
+from typing import Sequence
+
+import numpy as np
+
+from cxrlab import paths
+from cxrlab.config.schema import load_params
+from cxrlab.errors import UserError, run_stage
+from cxrlab.io.fsio import atomic_dir, write_json
+from cxrlab.data.images import check_images
+from cxrlab.data.layout import ClassFolder, find_class_folders, list_class
+from cxrlab.io.records import write_rows
+
+def n_test(n: int, test_fraction: float) -> int:
+    """floor(test_fraction * n), exact for decimal fractions (0.29 * 100 is 29, not 28)."""
+    return math.floor(Decimal(str(test_fraction)) * n)
+
+
+def split_by_id(images: list[str], test_fraction: float) -> tuple[list[str], list[str]]:
+    """(test, train): the first floor(test_fraction * n) of the ID-sorted `images`, the rest."""
+    k = n_test(len(images), test_fraction)
+    return images[:k], images[k:]
+
+
+def hold_out(train: list[str], val_fraction: float, seed: int, label: int) -> set[str]:
+    """The names drawn at random (seeded per class) from `train` for validation."""
+    k = round(len(train) * val_fraction)
+    if val_fraction > 0 and len(train) >= 2:
+        k = min(max(k, 1), len(train) - 1)  # keep at least one image on each side
+    rng = np.random.default_rng([seed, label])
+    chosen = rng.choice(len(train), size=k, replace=False) if k else []
+    return {train[i] for i in chosen}
+
+
+def class_rows(cls: ClassFolder, test_fraction: float, val_fraction: float, seed: int,
+               raw_root) -> tuple[list[dict], list[dict], dict]:
+    """The test rows, train rows and the report entry of one class."""
+    test, train = split_by_id(cls.images, test_fraction)
+    if not test or not train:
+        raise UserError(
+            f"class {cls.name!r} has {len(cls.images)} images: data.test_fraction "
+            f"{test_fraction} leaves {len(test)} for test and {len(train)} for training. "
+            "Add images or change data.test_fraction (or data.max_per_class)"
+        )
+    val = hold_out(train, val_fraction, seed, cls.label)
+    rel = cls.folder.relative_to(raw_root).as_posix()
+
+    def row(name: str, subset: str) -> dict:
+        return {"filename": name, "label": cls.label, "class": cls.name, "subset": subset,
+                "path": f"{rel}/{name}" if rel != "." else name}
+
+    report = {
+        "test": _span(test),
+        "train": {**_span(train), "of_which_val": len(val)},
+    }
+    return ([row(n, "test") for n in test],
+            [row(n, "val" if n in val else "train") for n in train],
+            report)
+
+
+def _span(names: list[str]) -> dict:
+    return {"count": len(names), "first": names[0], "last": names[-1]}
+
+
+def drop_bad_images(classes: list[ClassFolder], policy: str, max_per_class: int | None) -> dict[str, str]:
+    """Decode every image that can reach the split; with `skip`, drop the bad ones
+    (before the ID order is cut, so the next good image takes a bad one's place).
+    Returns {path under data/raw: reason}; with `error`, any bad image is an error."""
+    workers = max(1, min(os.cpu_count() or 1, 16))
+    bad: dict[str, str] = {}
+    for cls in classes:
+        while True:  # with max_per_class, a dropped image lets the next one in: check it too
+            wanted = cls.images[:max_per_class] if max_per_class else cls.images
+            unchecked = [n for n in wanted if (cls.folder / n).relative_to(paths.RAW).as_posix() not in bad]
+            found = check_images([cls.folder / n for n in unchecked], workers)
+            if not found:
+                break
+            for path, why in found.items():
+                bad[path.relative_to(paths.RAW).as_posix()] = why
+            cls.images = [n for n in cls.images if (cls.folder / n).relative_to(paths.RAW).as_posix() not in bad]
+            if policy == "error":
+                break
+        if not cls.images:
+            raise UserError(f"class {cls.name!r}: none of the images in {cls.folder} can be read")
+    if bad and policy == "error":
+        raise UserError(f"{len(bad)} images in {paths.RAW} cannot be read:\n  "
+                        + "\n  ".join(f"{p}: {why}" for p, why in sorted(bad.items()))
+                        + "\nReplace or remove them, or set data.on_bad_image: skip to leave them out")
+    for path, why in sorted(bad.items()):
+        print(f"split: skipped unreadable image {path}: {why}")
+    return dict(sorted(bad.items()))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__).parse_args(argv)
+    data = load_params().data
+    if not paths.RAW.is_dir():
+        raise UserError(f"{paths.RAW} does not exist; run the download stage first (dvc repro download)")
+
+    folders = find_class_folders(paths.RAW, data.classes)
+    classes = [list_class(name, label, folder) for label, (name, folder) in enumerate(folders.items())]
+    bad = drop_bad_images(classes, data.on_bad_image, data.max_per_class)
+    test_rows, train_rows = [], []
+    report: dict = {"classes": {}, "ignored_files": 0, "bad_images": len(bad), "bad_image_files": bad}
+    for cls in classes:
+        name, folder = cls.name, cls.folder
+        if data.max_per_class:
+            cls.images = cls.images[: data.max_per_class]
+        test, train, entry = class_rows(cls, data.test_fraction, data.val_fraction, data.seed, paths.RAW)
+        test_rows += test
+        train_rows += train
+        report["classes"][name] = {"folder": folder.relative_to(paths.RAW).as_posix(), **entry}
+        report["ignored_files"] += len(cls.ignored)
+        if cls.ignored:
+            print(f"split: {name}: ignored {len(cls.ignored)} non-image files, e.g. {cls.ignored[0]!r}")
+
+    report["total"] = {
+        "test": len(test_rows),
+        "train": len(train_rows),
+        "of_which_val": sum(r["subset"] == "val" for r in train_rows),
+    }
+    with atomic_dir(paths.SPLIT) as tmp:
+        write_rows(tmp / paths.TRAIN_CSV.name, train_rows)
+        write_rows(tmp / paths.TEST_CSV.name, test_rows)
+    write_json(paths.SPLIT_REPORT, report)
+    for name, entry in report["classes"].items():
+        t, tr = entry["test"], entry["train"]
+        print(f"split: {name}: test {t['count']} ({t['first']}..{t['last']}), "
+              f"train {tr['count']} ({tr['first']}..{tr['last']}, {tr['of_which_val']} held out for validation)")
+
+
+if __name__ == "__main__":
+    run_stage(main, "split")

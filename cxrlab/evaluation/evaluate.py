@@ -1,0 +1,206 @@
+"""Stage `evaluate@<variant>`: score the best and last checkpoints of every seed on the test set.
+
+Writes to `metrics/evaluate/<variant>/`:
+- `metrics.json`: for `best` (the epoch chosen on validation) and `last`,
+  at the argmax (0.5) decision: accuracy, the positive class's F1,
+  sensitivity, specificity and precision, ROC AUC, macro averages, each with
+  its bootstrap interval beside it (`accuracy_ci`); per-class values keyed by
+  class name; the confusion matrix {true: {predicted: count}}; the expected
+  calibration error; and `operating_point`: the threshold chosen on
+  validation for `evaluate.target_sensitivity`, the test sensitivity and
+  specificity there (with intervals) and whether they meet the WHO target
+  product profile. With several seeds: the mean over seeds, `_sd` across
+  seeds, and each seed's own report under `per_seed`;
+- `predictions.csv`: per seed and test image, each checkpoint's class
+  probabilities and prediction, and the best checkpoint's decision at the
+  operating threshold;
+- `calibration.csv`: the reliability bins of each seed's best checkpoint;
+- `plots/sklearn/`: DVCLive's confusion matrix, ROC and precision-recall of
+  the first seed's best checkpoint.
+
+The ensemble stage reuses the loading and prediction helpers and
+`report_and_write`, so an ensemble's outputs are a variant's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+from typing import Hashable, Sequence
+
+import numpy as np
+import torch
+from dvclive import Live
+from torch.utils.data import DataLoader
+
+from cxrlab import paths
+from cxrlab.config.schema import Params, load_params
+from cxrlab.data.datasets import (ImageArrayDataset, LoaderSettings, Split, eval_batch_size, load_split, make_loader,
+                             prepared_image_size)
+from cxrlab.training.engine import predict
+from cxrlab.errors import UserError, run_stage
+from cxrlab.io.fsio import atomic_file, write_json
+from cxrlab.model.backbones import load_checkpoint, model_from_checkpoint
+from cxrlab.training.runtime import Runtime, setup
+from cxrlab.evaluation.scoring import seed_report, seeds_report
+
+CHECKPOINTS = ("best", "last")
+
+# Checkpoint kind (best, last) -> run (a seed; the ensemble's one run) -> its value.
+ByRun = dict[str, dict[Hashable, np.ndarray]]
+
+
+def load_for_test(path, classes: list[str], image_size: int) -> dict:
+    """A checkpoint that fits the test data: same classes, same image size."""
+    ckpt = load_checkpoint(path)
+    if ckpt["classes"] != classes:
+        raise UserError(f"{path} was trained for classes {ckpt['classes']} but the test set has {classes}; "
+                        "retrain it (dvc repro)")
+    if ckpt["image_size"] != image_size:
+        raise UserError(f"{path} was trained on {ckpt['image_size']} px images but the prepared data is "
+                        f"{image_size} px; retrain it (dvc repro)")
+    return ckpt
+
+
+def write_rows(path, header: list[str], rows: list[list]) -> None:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def runtime(params: Params) -> Runtime:
+    """The shared runtime settings of `train`: device, precision, determinism."""
+    run = params.train
+    return setup(run.device, run.amp, run.channels_last, run.deterministic)
+
+
+def scoring_data(batch_size: int, rt: Runtime) -> tuple[Split, np.ndarray | None, dict[str, DataLoader]]:
+    """The test split, the validation labels (None without a hold-out) and an in-order loader of each."""
+    test, val = load_split("test"), load_split("train").subset("val")
+    settings = LoaderSettings(pin_memory=rt.device.type == "cuda")
+    loaders = {name: make_loader(ImageArrayDataset(split), batch_size, shuffle=False, seed=0, settings=settings)
+               for name, split in (("test", test), ("val", val)) if len(split)}
+    return test, (val.labels if len(val) else None), loaders
+
+
+def predict_checkpoint(path: Path, classes: list[str], image_size: int, rt: Runtime,
+                       loaders: dict[str, DataLoader], desc: str) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """A checkpoint's class probabilities on the test and the validation images (None without), and its epoch."""
+    ckpt = load_for_test(path, classes, image_size)
+    model = model_from_checkpoint(ckpt, path).to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    norm = (ckpt["mean"], ckpt["std"])
+    test = predict(model, loaders["test"], rt, *norm, desc=desc)[0]
+    val = predict(model, loaders["val"], rt, *norm)[0] if "val" in loaders else None
+    return test, val, int(ckpt["epoch"])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variant", help="a key of `experiments` in params.yaml")
+    args = parser.parse_args(argv)
+    params = load_params()
+    seeds = params.variant(args.variant).seeds
+    rt = runtime(params)
+    test, y_val, loaders = scoring_data(eval_batch_size(params.evaluate.batch_size, rt.device), rt)
+    image_size = prepared_image_size()
+
+    probs: ByRun = {w: {} for w in CHECKPOINTS}
+    val_probs: ByRun = {w: {} for w in CHECKPOINTS}
+    epochs: dict[str, dict[Hashable, int]] = {w: {} for w in CHECKPOINTS}
+    for seed in seeds:
+        for which in CHECKPOINTS:
+            test_prob, val_prob, epoch = predict_checkpoint(paths.checkpoint(args.variant, seed, which), test.classes,
+                                                            image_size, rt, loaders, f"test seed {seed} {which}")
+            probs[which][seed], epochs[which][seed] = test_prob, epoch
+            if val_prob is not None:
+                val_probs[which][seed] = val_prob
+    report_and_write(f"evaluate {args.variant}", paths.eval_dir(args.variant), {"seeds": seeds}, seeds,
+                     probs, val_probs, epochs, test, y_val, params)
+
+
+def report_and_write(title: str, out: Path, header: dict, seeds: list[Hashable], probs: ByRun, val_probs: ByRun,
+                     epochs: dict[str, dict[Hashable, int | None]], test: Split, y_val: np.ndarray | None,
+                     params: Params) -> None:
+    """Everything after the probabilities: score each run (`seeds`: a variant's seeds, an ensemble's one run)
+    and write metrics.json (`header` first), predictions.csv, calibration.csv and the DVCLive plots to `out`;
+    print the headline as `<title> best: ...`."""
+    ev, st, positive = params.evaluate, params.stats, params.data.positive_class
+    classes, y = test.classes, test.labels
+    report: dict = {**header,
+                    "method": (f"{st.ci_level:.0%} intervals: stratified bootstrap, {st.resamples} resamples, "
+                               f"percentile; headline metrics at the argmax (0.5) decision")}
+    per_seed: dict[str, dict] = {f"seed_{s}": {} for s in seeds}
+    bins: dict[Hashable, list[dict]] = {}
+    for which in CHECKPOINTS:
+        seed_reports = []
+        for seed in seeds:
+            r, b = seed_report(y, probs[which][seed], y_val, val_probs[which].get(seed), classes, positive, ev, st)
+            r = {"epoch": epochs[which][seed], **r}
+            seed_reports.append(r)
+            per_seed[f"seed_{seed}"][which] = r
+            if which == "best":
+                bins[seed] = b
+        if len(seeds) == 1:
+            report[which] = seed_reports[0]
+        else:
+            report[which] = seeds_report(y, [probs[which][s] for s in seeds], y_val,
+                                         [val_probs[which][s] for s in seeds] if y_val is not None else None,
+                                         seed_reports, classes, positive, ev, st)
+    if len(seeds) > 1:
+        report["per_seed"] = per_seed
+
+    out.mkdir(parents=True, exist_ok=True)
+    first = probs["best"][seeds[0]].astype(np.float64)  # DVCLive writes JSON: no float32
+    pos = classes.index(positive)
+    live = Live(str(out), dvcyaml=False, save_dvc_exp=False)
+    live.log_sklearn_plot("confusion_matrix", [classes[i] for i in y], [classes[i] for i in first.argmax(1)],
+                          name="confusion_matrix.json")
+    live.log_sklearn_plot("roc", (y == pos).astype(int), first[:, pos], name="roc.json")
+    live.log_sklearn_plot("precision_recall", (y == pos).astype(int), first[:, pos], name="precision_recall.json")
+    live.end()
+
+    columns = ["seed", "filename", "class", "label"]
+    for which in CHECKPOINTS:
+        columns += [f"{which}_prob_{c}" for c in classes] + [f"{which}_predicted"]
+    columns += ["best_threshold", "best_decision"]
+    rows = []
+    for seed in seeds:
+        op = per_seed[f"seed_{seed}"]["best"].get("operating_point")
+        threshold = op["threshold"] if op else None
+        for i, r in enumerate(test.rows):
+            line = [seed, r["filename"], r["class"], r["label"]]
+            for which in CHECKPOINTS:
+                p = probs[which][seed][i]
+                line += [f"{v:.6f}" for v in p] + [classes[int(p.argmax())]]
+            p = probs["best"][seed][i]
+            decision = classes[int(p.argmax())] if threshold is None else \
+                classes[pos] if p[pos] >= threshold else classes[1 - pos]
+            line += ["" if threshold is None else f"{threshold:.6f}", decision]
+            rows.append(line)
+    write_rows(out / "predictions.csv", columns, rows)
+    write_rows(out / "calibration.csv", ["seed", "bin", "low", "high", "count", "confidence", "accuracy"],
+               [[s, b["bin"], b["low"], b["high"], b["count"], "" if b["confidence"] is None else b["confidence"],
+                 "" if b["accuracy"] is None else b["accuracy"]] for s, table in bins.items() for b in table])
+    write_json(out / "metrics.json", report)  # after live.end(), which writes an empty one
+
+    for which in CHECKPOINTS:
+        m = report[which]
+        ci = m["accuracy_ci"]
+        auc = f"{m['roc_auc']:.4f}" if m["roc_auc"] is not None else "n/a"
+        line = (f"{title} {which}: accuracy {m['accuracy']:.4f} "
+                f"[{ci['low']:.4f}, {ci['high']:.4f}], F1({positive}) {m['f1']:.4f}, "
+                f"sensitivity {m['sensitivity']:.4f}, specificity {m['specificity']:.4f}, ROC AUC {auc}, "
+                f"ECE {m['ece']:.4f}")
+        op = m.get("operating_point")
+        if op:
+            line += (f"; at threshold {op['threshold']:.3f}: sensitivity {op['test']['sensitivity']:.4f}, "
+                     f"specificity {op['test']['specificity']:.4f}, WHO TPP {'met' if op['meets_who_tpp'] else 'not met'}")
+        print(line)
+
+
+if __name__ == "__main__":
+    run_stage(main, "evaluate")

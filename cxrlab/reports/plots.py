@@ -1,0 +1,268 @@
+"""Stage `plots`: compare the variants in figures, a table, and DVC plot data.
+
+Reads every variant's training logs, test metrics, predictions, calibration
+bins, the paired comparisons and the FLOPs, and writes:
+- `plots/training_curves.png`, `plots/test_metrics.png` (with the 95 %
+  intervals as error bars), `plots/confusion_matrices.png`,
+  `plots/roc_curves.png`, `plots/reliability.png`;
+- `plots/summary.md`: the study's table (variant, epoch, accuracy, F1,
+  confusion matrix, parameters, GFLOPs) with intervals, for the
+  best-on-validation epoch, the last epoch and the study's own test-picked
+  epoch; the operating point and calibration; the paired comparisons;
+- `plots/data/curves.csv` and `plots/data/roc.csv`: one row per variant and
+  point, drawn by the top-level `plots:` of dvc.yaml (colour = variant).
+
+Ensembles appear after the variants wherever test results are shown; they
+have no training curves, single epoch, FLOPs or study protocol ("–").
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from sklearn.metrics import roc_curve
+
+from cxrlab.reports import figures
+from cxrlab import paths
+from cxrlab.config.schema import load_params
+from cxrlab.errors import UserError, run_stage
+from cxrlab.io.fsio import atomic_dir, read_json
+from cxrlab.io.records import read_rows
+
+# The published results (test-picked epoch), shown beside ours on TBX11K's test set.
+STUDY_PUBLISHED = {
+    "baseline": (0.9891, 0.9686),
+    "regu_penalty": (0.9924, 0.9781),
+    "dropout": (0.9924, 0.9783),
+    "sharpness": (0.9902, 0.9718),
+    "contrast": (0.9913, 0.9750),
+}
+STUDY_TEST_SIZE = 920
+HEADLINE = ("accuracy", "sensitivity", "specificity", "f1", "roc_auc")
+CURVE_COLUMNS = {"train/loss": "train_loss", "train/accuracy": "train_accuracy", "train/f1": "train_f1",
+                 "val/loss": "val_loss", "val/accuracy": "val_accuracy", "val/f1": "val_f1",
+                 "test_curve/accuracy": "test_curve_accuracy", "test_curve/f1": "test_curve_f1",
+                 "images_per_s": "images_per_s"}
+
+
+def read_curves(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """DVCLive's per-metric TSVs -> {metric: [(epoch, value), ...]} (epochs from 1)."""
+    folder = log_dir / "plots" / "metrics"
+    curves = {}
+    for tsv in sorted(folder.rglob("*.tsv")):
+        metric = tsv.relative_to(folder).with_suffix("").as_posix()
+        with open(tsv, newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+        column = Path(metric).name
+        curves[metric] = [(int(r["step"]) + 1, float(r[column])) for r in rows]
+    return curves
+
+
+def mean_curves(runs: list[dict[str, list[tuple[int, float]]]]) -> dict[str, list[tuple[int, float]]]:
+    """The mean over seeds of each metric, per epoch."""
+    merged: dict[str, dict[int, list[float]]] = {}
+    for run in runs:
+        for metric, points in run.items():
+            for epoch, value in points:
+                merged.setdefault(metric, {}).setdefault(epoch, []).append(value)
+    return {m: [(e, float(np.mean(v))) for e, v in sorted(by_epoch.items())] for m, by_epoch in merged.items()}
+
+
+def _require(path: Path, stage: str) -> Path:
+    if not path.exists():
+        raise UserError(f"{path} does not exist; run the {stage} stage first (dvc repro)")
+    return path
+
+
+def confusion_text(cm: dict, classes: list[str]) -> str:
+    def count(x):
+        return str(int(x)) if float(x).is_integer() else f"{x:.1f}"
+    return "[" + " ".join("[" + " ".join(count(cm[t][p]) for p in classes) + "]" for t in classes) + "]"
+
+
+def _fmt(value, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def with_ci(m: dict, key: str, digits: int = 4) -> str:
+    """`0.9891 [0.9815, 0.9946]`, with `± sd` across seeds when there are several."""
+    text = _fmt(m.get(key), digits)
+    if m.get(key + "_sd") is not None:
+        text += f" ± {m[key + '_sd']:.{digits}f}"
+    ci = m.get(key + "_ci")
+    if ci and ci.get("low") is not None:
+        text += f" [{ci['low']:.{digits}f}, {ci['high']:.{digits}f}]"
+    return text
+
+
+def epochs_text(report: dict, which: str) -> str:
+    """The epoch of each seed's checkpoint; "–" for an ensemble, which has none."""
+    if "per_seed" in report:
+        return ", ".join(str(r[which]["epoch"]) for r in report["per_seed"].values())
+    epoch = report[which]["epoch"]
+    return "–" if epoch is None else str(epoch)
+
+
+def summary_table(variants, evals, trains, flops, classes, positive, comparison_md: str, level: float) -> str:
+    first = evals[variants[0]]
+    n_test = first["best"]["n"]
+    seeds = first["seeds"]
+    show_published = n_test == STUDY_TEST_SIZE
+    spread = f"mean ± sd over seeds {seeds}, then the {level:.0%} interval" if len(seeds) > 1 else \
+        f"the {level:.0%} interval in brackets"
+    lines = [
+        "# Results",
+        "",
+        f"Test set: {n_test} images. F1, sensitivity and specificity are those of **{positive}**, at the "
+        f"argmax (0.5) decision; {spread} (stratified bootstrap). Confusion matrices: rows are the true class "
+        f"and columns the predicted class, both in the order {', '.join(classes)} (for two classes with the "
+        "second positive: [[TN FP] [FN TP]]).",
+        "",
+        "## Best epoch on validation (headline: no test-set leakage)",
+        "",
+        "| variant | epoch | accuracy | F1 | sensitivity | specificity | ROC AUC | confusion | parameters | GFLOPs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for v in variants:
+        m, f = evals[v]["best"], flops["variants"].get(v)
+        lines.append(
+            f"| {v} | {epochs_text(evals[v], 'best')} | {with_ci(m, 'accuracy')} | {with_ci(m, 'f1')} | "
+            f"{with_ci(m, 'sensitivity')} | {with_ci(m, 'specificity')} | {with_ci(m, 'roc_auc')} | "
+            f"{confusion_text(m['confusion_matrix'], classes)} | "
+            + (f"{f.get('parameters', 0):,} | {_fmt(f.get('gflops'), 2)} |" if f is not None else "– | – |"))
+    lines += ["", "## Last epoch", "",
+              "| variant | epoch | accuracy | F1 | sensitivity | specificity | ROC AUC | confusion |",
+              "|---|---|---|---|---|---|---|---|"]
+    for v in variants:
+        m = evals[v]["last"]
+        lines.append(
+            f"| {v} | {epochs_text(evals[v], 'last')} | {with_ci(m, 'accuracy')} | {with_ci(m, 'f1')} | "
+            f"{with_ci(m, 'sensitivity')} | {with_ci(m, 'specificity')} | {with_ci(m, 'roc_auc')} | "
+            f"{confusion_text(m['confusion_matrix'], classes)} |")
+
+    ops = {v: evals[v]["best"].get("operating_point") for v in variants}
+    if any(ops.values()):
+        op0 = next(o for o in ops.values() if o)
+        tpp = op0["who_tpp"]
+        lines += ["", f"## Operating point: threshold chosen on validation for sensitivity ≥ {op0['target_sensitivity']}",
+                  "",
+                  f"WHO target product profile for a TB triage test: sensitivity ≥ {tpp['sensitivity']}, "
+                  f"specificity ≥ {tpp['specificity']}. 'met' compares the point estimates; 'met at CI low' the "
+                  "lower ends of the intervals. ECE: expected calibration error of the top-label confidence.",
+                  "",
+                  "| variant | threshold | test sensitivity | test specificity | WHO TPP | ECE |",
+                  "|---|---|---|---|---|---|"]
+        for v in variants:
+            op = ops[v]
+            ece = with_ci(evals[v]["best"], "ece")
+            if not op:
+                lines.append(f"| {v} | n/a | n/a | n/a | n/a | {ece} |")
+                continue
+            verdict = "met at CI low" if op["meets_who_tpp_at_ci_low"] else "met" if op["meets_who_tpp"] else "not met"
+            lines.append(f"| {v} | {op['threshold']:.4f} | {with_ci(op['test'], 'sensitivity')} | "
+                         f"{with_ci(op['test'], 'specificity')} | {verdict} | {ece} |")
+
+    studies = {v: [r.get("study_protocol") for r in trains[v]["seeds"].values()] for v in variants if v in trains}
+    if any(all(s) for s in studies.values()):
+        header = "| variant | epoch | accuracy | F1 | confusion |"
+        rule = "|---|---|---|---|---|"
+        if show_published:
+            header += " published accuracy | published F1 |"
+            rule += "---|---|"
+        lines += ["", "## The study's protocol: epoch picked by test F1 (leaks the test set; comparison only)",
+                  "", header, rule]
+        for v, runs in studies.items():
+            if not all(runs):
+                continue
+            line = (f"| {v} | {', '.join(str(s['epoch']) for s in runs)} | "
+                    f"{_fmt(np.mean([s['test_accuracy'] for s in runs]))} | "
+                    f"{_fmt(np.mean([s['test_f1'] for s in runs]))} | "
+                    f"{confusion_text(runs[0]['confusion_matrix'], classes)} |")
+            if show_published:
+                pub = STUDY_PUBLISHED.get(v)
+                line += f" {_fmt(pub[0]) if pub else '–'} | {_fmt(pub[1]) if pub else '–'} |"
+            lines.append(line)
+    lines += ["", f"FLOPs: {flops.get('units', '')}.", ""]
+    if comparison_md:
+        lines += ["#" + comparison_md]  # one heading level down
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__).parse_args(argv)
+    params = load_params()
+    variants = list(params.variants)
+    stage_of = {v: f"evaluate@{v}" for v in variants} | {e: f"ensemble@{e}" for e in params.ensembles}
+    scored = list(stage_of)  # the variants, then the ensembles
+    positive = params.data.positive_class
+
+    evals = {v: read_json(_require(paths.eval_dir(v) / "metrics.json", stage_of[v])) for v in scored}
+    trains = {v: read_json(_require(paths.train_dir(v) / "metrics.json", f"train@{v}")) for v in variants}
+    curves = {v: mean_curves([read_curves(paths.train_log(v, s)) for s in evals[v]["seeds"]]) for v in variants}
+    flops = read_json(_require(paths.FLOPS, "flops"))
+    comparison_md = _require(paths.COMPARISON_TABLE, "compare").read_text()
+    classes = list(evals[variants[0]]["best"]["confusion_matrix"])
+
+    rocs, reliability = {}, {}
+    for v in scored:
+        rows = read_rows(_require(paths.eval_dir(v) / "predictions.csv", stage_of[v]), stage_of[v])
+        first_seed = rows[0]["seed"]
+        rows = [r for r in rows if r["seed"] == first_seed]
+        y = np.array([r["class"] == positive for r in rows])
+        score = np.array([float(r[f"best_prob_{positive}"]) for r in rows])
+        if y.any() and not y.all():
+            fpr, tpr, _ = roc_curve(y, score)
+            per_seed = evals[v].get("per_seed")
+            auc = per_seed[f"seed_{first_seed}"]["best"]["roc_auc"] if per_seed else evals[v]["best"]["roc_auc"]
+            rocs[v] = (fpr, tpr, auc)
+        bins = read_rows(paths.eval_dir(v) / "calibration.csv", stage_of[v])
+        reliability[v] = ([b for b in bins if b["seed"] == first_seed], evals[v]["best"]["ece"])
+
+    with atomic_dir(paths.PLOTS) as out:
+        best_epoch = {v: evals[v]["best"]["epoch"] for v in variants}
+        figures.training_curves(curves, best_epoch, out / "training_curves.png")
+        figures.metric_bars(
+            {v: {m: evals[v]["best"][m] for m in HEADLINE} for v in scored}, out / "test_metrics.png",
+            f"Test metrics, best epoch on validation ({positive} positive; "
+            f"bars: {params.stats.ci_level:.0%} bootstrap intervals)",
+            {v: {m: (evals[v]["best"][m + "_ci"]["low"], evals[v]["best"][m + "_ci"]["high"]) for m in HEADLINE
+                 if evals[v]["best"].get(m + "_ci", {}).get("low") is not None} for v in scored})
+        figures.confusion_matrices(
+            {v: [[evals[v]["best"]["confusion_matrix"][t][p] for p in classes] for t in classes] for v in scored},
+            classes, out / "confusion_matrices.png",
+            {v: f"epoch {epochs_text(evals[v], 'best')}, acc {evals[v]['best']['accuracy']:.4f}" for v in scored})
+        if rocs:
+            figures.roc_curves(rocs, positive, out / "roc_curves.png")
+        figures.reliability(reliability, out / "reliability.png")
+        (out / "summary.md").write_text(summary_table(scored, evals, trains, flops, classes, positive,
+                                                      comparison_md, params.stats.ci_level))
+
+        (out / "data").mkdir()
+        epochs_rows = []
+        for v in variants:
+            by_epoch: dict[int, dict] = {}
+            for metric, column in CURVE_COLUMNS.items():
+                for epoch, value in curves[v].get(metric, []):
+                    by_epoch.setdefault(epoch, {})[column] = value
+            for epoch in sorted(by_epoch):
+                epochs_rows.append([v, epoch] + [by_epoch[epoch].get(c, "") for c in CURVE_COLUMNS.values()])
+        write_csv(out / "data" / "curves.csv", ["variant", "epoch", *CURVE_COLUMNS.values()], epochs_rows)
+        write_csv(out / "data" / "roc.csv", ["variant", "fpr", "tpr"],
+                  [[v, f"{a:.6f}", f"{b:.6f}"] for v, (fpr, tpr, _) in rocs.items() for a, b in zip(fpr, tpr)])
+    print(f"plots: figures, summary.md and plot data in {paths.PLOTS}/")
+    print((paths.PLOTS / "summary.md").read_text())
+
+
+if __name__ == "__main__":
+    run_stage(main, "plots")

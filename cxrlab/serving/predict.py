@@ -1,0 +1,249 @@
+"""Command `python -m stages.predict`: class probabilities of a trained model for new X-rays.
+
+    python -m stages.predict --variant baseline [--seed S] [--which best|last] PATHS... [--out preds.csv|.json]
+    python -m stages.predict --checkpoint models/baseline/seed_42/best.pt PATHS... [--out preds.json]
+
+PATHS are image files or folders (searched recursively for images). Each
+image is decoded and resized exactly as the preprocess stage does
+(`load_rgb`) and normalised with the checkpoint's own mean and std, so a test
+image gets the probabilities evaluate reported for it. With `--variant`,
+the best checkpoint of a binary task is decided at the operating threshold
+evaluate chose on validation (`metrics/evaluate/<variant>/metrics.json`); a
+last checkpoint, a `--checkpoint` or a task without one is decided by the
+highest probability. Unreadable files are reported and skipped. The table
+goes to stdout; `--out` also writes it as CSV or JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from cxrlab.explain import cam
+from cxrlab import paths
+from cxrlab.config.schema import load_params
+from cxrlab.training.engine import predict
+from cxrlab.errors import UserError, run_stage
+from cxrlab.io.fsio import atomic_file, read_json
+from cxrlab.data.images import IMAGE_SUFFIXES, is_image_name, load_rgb, natural_key
+from cxrlab.model.backbones import load_checkpoint, model_from_checkpoint
+from cxrlab.training.runtime import Runtime, setup
+
+BATCH_SIZE = 32
+
+
+@dataclass
+class Predictor:
+    """A checkpoint's model with its preprocessing and decision rule."""
+
+    path: Path
+    ckpt: dict
+    model: nn.Module
+    rt: Runtime
+    positive: int | None = None  # index of the positive class of a binary task
+    threshold: float | None = None  # on the positive class's probability; None: argmax
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.ckpt["classes"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.ckpt["image_size"])
+
+    @property
+    def rule(self) -> str:
+        if self.threshold is None:
+            return "the highest probability"
+        return f"p({self.classes[self.positive]}) >= {self.threshold:.4f} (the operating threshold chosen by evaluate)"
+
+    def probabilities(self, images: np.ndarray, batch_size: int = BATCH_SIZE) -> np.ndarray:
+        """Class probabilities (N x k) of uint8 images (N, 3, size, size), through `engine.predict`."""
+        batches = [(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])),
+                    torch.zeros(len(images[i:i + batch_size]), dtype=torch.int64))
+                   for i in range(0, len(images), batch_size)]
+        return predict(self.model, batches, self.rt, self.ckpt["mean"], self.ckpt["std"])[0]
+
+    def decisions(self, probs: np.ndarray) -> list[str]:
+        """The class decided for each row of `probs`: at the threshold, else by argmax (as evaluate)."""
+        if self.threshold is None:
+            return [self.classes[int(i)] for i in probs.argmax(1)]
+        other = 1 - self.positive
+        return [self.classes[self.positive] if p[self.positive] >= self.threshold else self.classes[other]
+                for p in probs]
+
+    def explained_class(self, probs: np.ndarray) -> int:
+        """Whose Grad-CAM to draw: the positive class of a binary task, else the predicted one."""
+        return self.positive if self.positive is not None else int(probs.argmax())
+
+    def heatmaps(self, images: np.ndarray, target_class: int) -> np.ndarray:
+        """Grad-CAM of `target_class` over uint8 images (N, 3, size, size), in [0, 1]."""
+        return cam.heatmaps(self.model, self.ckpt["arch"], images, self.ckpt["mean"], self.ckpt["std"], target_class)
+
+
+def load_predictor(path: str | Path, positive_class: str | None = None, threshold: float | None = None,
+                   device: str = "auto") -> Predictor:
+    """The model of checkpoint `path`, deciding at `threshold` on `positive_class` (binary tasks only)."""
+    return make_predictor(load_checkpoint(path), path, positive_class, threshold, device)
+
+
+def make_predictor(ckpt: dict, path: str | Path, positive_class: str | None = None,
+                   threshold: float | None = None, device: str = "auto") -> Predictor:
+    """Like `load_predictor`, for a checkpoint already loaded from `path`."""
+    rt = setup(device, amp=False, channels_last=False)
+    model = model_from_checkpoint(ckpt, path).to(rt.device).eval()
+    classes = list(ckpt["classes"])
+    binary = len(classes) == 2 and positive_class in classes
+    positive = classes.index(positive_class) if binary else None
+    return Predictor(Path(path), ckpt, model, rt, positive, threshold if binary else None)
+
+
+def operating_threshold(variant: str, seed: int) -> float | None:
+    """The threshold evaluate chose on validation for `seed`'s best checkpoint, or None."""
+    report_path = paths.eval_dir(variant) / "metrics.json"
+    if not report_path.is_file():
+        return None
+    report = read_json(report_path)
+    per_seed = report.get("per_seed", {}).get(f"seed_{seed}") if "per_seed" in report else report
+    op = ((per_seed or {}).get("best") or {}).get("operating_point")
+    return float(op["threshold"]) if op and op.get("threshold") is not None else None
+
+
+def variant_predictor(variant: str, seed: int | None = None, which: str = "best",
+                      device: str = "auto") -> Predictor:
+    """The predictor of a trained variant (first seed by default), with evaluate's threshold."""
+    params = load_params()
+    seeds = params.variant(variant).seeds
+    seed = seeds[0] if seed is None else seed
+    if seed not in seeds:
+        raise UserError(f"variant {variant!r} is trained with seeds {seeds}, not {seed}; "
+                        f"pass one of them to --seed (train.seeds in params.yaml)")
+    path = paths.checkpoint(variant, seed, which)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: variant {variant!r} is not trained yet; "
+                        f"run `dvc repro train@{variant} evaluate@{variant}`")
+    threshold = operating_threshold(variant, seed) if which == "best" else None
+    return load_predictor(path, params.data.positive_class, threshold, device)
+
+
+def image_files(inputs: Sequence[str]) -> list[Path]:
+    """The files named, and the images under the folders named, each once, in order."""
+    files: list[Path] = []
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            found = [p for p in path.rglob("*") if p.is_file() and is_image_name(p.name)]
+            files += sorted(found, key=lambda p: (p.parent.as_posix(), natural_key(p.name)))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"{path} does not exist; name image files or folders of images")
+    files = list(dict.fromkeys(files))
+    if not files:
+        raise UserError(f"no images found in {', '.join(inputs)} (looked for "
+                        f"{', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
+
+
+def decode(source: str | Path | IO[bytes], size: int) -> np.ndarray | str:
+    """The (3, size, size) uint8 image as the preprocess stage makes it, or why it is unreadable."""
+    try:
+        return load_rgb(source, size)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:  # not an image, truncated, too large
+        return str(err).replace(repr(source), "").replace(repr(str(source)), "").strip() or type(err).__name__
+
+
+def decode_all(files: list[Path], size: int) -> tuple[np.ndarray, list[Path], list[tuple[Path, str]]]:
+    """(images, their files, [(skipped file, why)])."""
+    images, kept, skipped = [], [], []
+    for path in files:
+        result = decode(path, size)
+        if isinstance(result, str):
+            skipped.append((path, result))
+        else:
+            images.append(result)
+            kept.append(path)
+    array = np.stack(images) if images else np.zeros((0, 3, size, size), dtype=np.uint8)
+    return array, kept, skipped
+
+
+def write_output(out: Path, predictor: Predictor, files: list[Path], probs: np.ndarray, decisions: list[str],
+                 skipped: list[tuple[Path, str]]) -> None:
+    """`out` as CSV (one row per image) or JSON (with the checkpoint, rule and skipped files)."""
+    classes = predictor.classes
+    if out.suffix.lower() == ".csv":
+        with atomic_file(out) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["file", *(f"prob_{c}" for c in classes), "predicted", "threshold", "decision"])
+            for path, p, decision in zip(files, probs, decisions):
+                writer.writerow([str(path), *(f"{v:.6f}" for v in p), classes[int(p.argmax())],
+                                 "" if predictor.threshold is None else f"{predictor.threshold:.6f}", decision])
+        return
+    report = {
+        "checkpoint": str(predictor.path),
+        "classes": classes,
+        "positive_class": None if predictor.positive is None else classes[predictor.positive],
+        "threshold": predictor.threshold,
+        "rule": predictor.rule,
+        "predictions": [{"file": str(path), "probabilities": dict(zip(classes, map(float, p))),
+                         "predicted": classes[int(p.argmax())], "decision": decision}
+                        for path, p, decision in zip(files, probs, decisions)],
+        "skipped": [{"file": str(path), "reason": why} for path, why in skipped],
+    }
+    with atomic_file(out) as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--variant", help="a trained key of `experiments` in params.yaml")
+    source.add_argument("--checkpoint", type=Path, help="a checkpoint file (.pt) written by the train stage")
+    parser.add_argument("--seed", type=int, help="with --variant: which seed's model (default: the first)")
+    parser.add_argument("--which", choices=("best", "last"), default="best",
+                        help="with --variant: the epoch chosen on validation (best) or the last one")
+    parser.add_argument("--out", type=Path, help="also write the predictions to this .csv or .json file")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    parser.add_argument("paths", nargs="+", help="image files or folders of images")
+    args = parser.parse_args(argv)
+    if args.out is not None and args.out.suffix.lower() not in (".csv", ".json"):
+        raise UserError(f"--out {args.out}: write .csv or .json")
+
+    if args.variant:
+        predictor = variant_predictor(args.variant, args.seed, args.which, args.device)
+    else:
+        predictor = load_predictor(args.checkpoint, device=args.device)
+    files = image_files(args.paths)
+    images, kept, skipped = decode_all(files, predictor.image_size)
+    for path, why in skipped:
+        print(f"skipped {path}: not a readable image ({why})", file=sys.stderr)
+    if not kept:
+        raise UserError(f"none of the {len(files)} files could be read as an image (reasons above)")
+
+    probs = predictor.probabilities(images)
+    decisions = predictor.decisions(probs)
+    classes = predictor.classes
+    print(f"predict: {predictor.path} ({predictor.ckpt['arch']}, {predictor.image_size} px), "
+          f"{len(kept)} images, deciding by {predictor.rule}")
+    width = max(len(str(p)) for p in kept)
+    print(f"{'file':<{width}}  " + "  ".join(f"p({c})" for c in classes) + "  decision")
+    for path, p, decision in zip(kept, probs, decisions):
+        print(f"{str(path):<{width}}  " + "  ".join(f"{v:.4f}".rjust(len(c) + 3) for v, c in zip(p, classes))
+              + f"  {decision}")
+    if args.out is not None:
+        write_output(args.out, predictor, kept, probs, decisions, skipped)
+        print(f"predict: wrote {args.out}" + (f" ({len(skipped)} files skipped)" if skipped else ""))
+
+
+if __name__ == "__main__":
+    run_stage(main, "predict")

@@ -1,0 +1,99 @@
+"""One training epoch and batched prediction, on whatever `Runtime` was chosen.
+
+Shared by the train and evaluate stages (and the prediction command), so
+the model sees exactly the same input pipeline everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from cxrlab.data.datasets import to_model_input
+from cxrlab.model.freezing import train_mode
+from cxrlab.training.runtime import Runtime
+from cxrlab.evaluation.stats import metrics_from_confusion
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    loss_fn: nn.Module, rt: Runtime, mean, std, num_classes: int,
+                    accumulate_steps: int = 1, desc: str = "train") -> dict:
+    """Train over `loader` once; returns loss, confusion counts and images/s (all ranks summed).
+    Frozen batch-norm layers stay in eval mode."""
+    train_mode(model)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=rt.device)
+    seen = 0
+    steps = len(loader)
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not rt.is_main, mininterval=1)
+    optimizer.zero_grad(set_to_none=True)
+    for step, (images, labels) in enumerate(bar):
+        x = to_model_input(images, rt.device, mean, std, rt.channels_last)
+        y = labels.to(rt.device, non_blocking=True)
+        boundary = (step + 1) % accumulate_steps == 0 or step + 1 == steps
+        sync = contextlib.nullcontext() if boundary or not rt.distributed else model.no_sync()
+        with sync:
+            with rt.autocast():
+                logits = model(x)
+            loss = loss_fn(logits, y)
+            scaled = loss / accumulate_steps
+            (rt.scaler.scale(scaled) if rt.scaler else scaled).backward()
+        if boundary:
+            if rt.scaler:
+                rt.scaler.step(optimizer)
+                rt.scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            loss_sum += loss.detach().double() * len(y)
+            pred = logits.argmax(dim=1)
+            confusion += torch.bincount(y * num_classes + pred, minlength=num_classes ** 2).view(
+                num_classes, num_classes)
+        seen += len(y)
+        if rt.is_main and step % 10 == 0:
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen * rt.world_size / max(elapsed, 1e-9):.0f}")
+    bar.close()
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize(rt.device)
+    seconds = time.perf_counter() - start
+    totals = torch.cat([loss_sum.view(1), torch.tensor([seen], dtype=torch.float64, device=rt.device)])
+    if rt.distributed:
+        dist.all_reduce(totals)
+        dist.all_reduce(confusion)
+    n = int(totals[1].item())
+    return {"loss": totals[0].item() / max(n, 1), "confusion": confusion.cpu().numpy(),
+            "images": n, "seconds": seconds, "images_per_s": n / max(seconds, 1e-9)}
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, loader: DataLoader, rt: Runtime, mean, std,
+            desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities (N x k, float32) and labels for every image of `loader`, in order."""
+    model.eval()
+    probs, labels = [], []
+    for images, y in tqdm(loader, desc=desc, unit="batch", leave=False,
+                          disable=desc is None or not rt.is_main, mininterval=1):
+        x = to_model_input(images, rt.device, mean, std, rt.channels_last)
+        with rt.autocast():
+            logits = model(x)
+        probs.append(torch.softmax(logits.float(), dim=1).cpu())
+        labels.append(y)
+    if not probs:
+        return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+
+
+def confusion_summary(confusion: np.ndarray, positive: int) -> dict:
+    """Accuracy and the positive class's F1 from a confusion matrix (rows true)."""
+    values = metrics_from_confusion(np.asarray(confusion)[None], positive)
+    return {"accuracy": float(values["accuracy"][0]), "f1": float(values["f1"][0])}

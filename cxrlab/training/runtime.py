@@ -1,0 +1,163 @@
+"""Where and how the model runs: device, precision, memory format, processes.
+
+`train.device: auto` picks CUDA, then Apple MPS, then the CPU. On CUDA the
+defaults add mixed precision (bf16 where the GPU supports it, else fp16 with
+a gradient scaler), channels_last and cuDNN autotuning; on the CPU,
+channels_last too (oneDNN's NHWC kernels are faster). Under `torchrun`
+(WORLD_SIZE > 1) each process drives one GPU (or CPU with the gloo backend),
+and only rank 0 writes files and logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cxrlab.errors import UserError
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    rank: int = 0
+    world_size: int = 1
+    scaler: torch.amp.GradScaler | None = field(default=None, repr=False)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def describe(self) -> str:
+        name = str(self.device)
+        if self.device.type == "cuda":
+            name += f" ({torch.cuda.get_device_name(self.device)})"
+        precision = {torch.bfloat16: "bf16 mixed", torch.float16: "fp16 mixed"}.get(self.amp_dtype, "fp32")
+        parts = [name, precision]
+        if self.channels_last:
+            parts.append("channels_last")
+        if self.distributed:
+            parts.append(f"rank {self.rank}/{self.world_size}")
+        return ", ".join(parts)
+
+
+def pick_device(spec: str, local_rank: int = 0) -> torch.device:
+    """`auto` -> CUDA, then MPS, then CPU; an explicit device must exist."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"train.device is {spec!r} but no CUDA GPU is visible; set train.device: auto or cpu")
+        index = device.index if device.index is not None else local_rank
+        if index >= torch.cuda.device_count():
+            raise UserError(f"train.device is {spec!r} but only {torch.cuda.device_count()} GPUs are visible")
+        return torch.device("cuda", index)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("train.device is 'mps' but Apple MPS is not available; set train.device: auto or cpu")
+    return device
+
+
+def setup(device: str, amp: bool, channels_last: bool, deterministic: bool | str = "auto") -> Runtime:
+    """Choose the device and precision; join the process group under torchrun.
+
+    `deterministic: auto` means deterministic on the CPU (free there) and
+    autotuned on a GPU (faster, with run-to-run differences in the last bits).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    rt = Runtime(device=dev, rank=rank, world_size=world_size)
+    if deterministic == "auto":
+        deterministic = dev.type == "cpu"
+    if dev.type == "cuda":
+        if amp:
+            rt.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cuda.matmul.allow_tf32 = not deterministic
+        torch.backends.cudnn.allow_tf32 = not deterministic
+    elif dev.type == "mps" and amp:
+        rt.amp_dtype = torch.float16
+    # NHWC convolutions: faster with cuDNN's tensor cores and with oneDNN on the CPU
+    rt.channels_last = channels_last and dev.type in ("cuda", "cpu")
+    if rt.amp_dtype == torch.float16:
+        rt.scaler = torch.amp.GradScaler(dev.type)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        if dev.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.deterministic = True
+    return rt
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def torchrun_command(processes: int | str, nodes: int, rendezvous: str | None, module: str,
+                     args: list[str]) -> list[str] | None:
+    """The `torchrun` command that runs `python -m module args` data-parallel, or None
+    when one process is asked for (or this already is a torchrun worker).
+
+    `processes: auto` is one per visible CUDA GPU. One machine uses torchrun's
+    standalone rendezvous. Several machines meet at `rendezvous` (host:port of
+    the machine with NODE_RANK=0, which then holds global rank 0 and writes the
+    outputs); each machine says which it is in the NODE_RANK environment variable.
+    """
+    if under_torchrun():
+        return None
+    if processes == "auto":
+        processes = max(1, torch.cuda.device_count())
+    if processes == 1 and nodes == 1:
+        return None
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}"]
+    if nodes == 1:
+        cmd.append("--standalone")
+    else:
+        node_rank = os.environ.get("NODE_RANK", "")
+        if not node_rank.isdigit() or int(node_rank) >= nodes:
+            raise UserError(f"train.nodes is {nodes}: set NODE_RANK on each machine, 0 on the rendezvous host "
+                            f"{rendezvous.rsplit(':', 1)[0]} and 1..{nodes - 1} on the others "
+                            f"(got {node_rank or 'nothing'})")
+        host, port = rendezvous.rsplit(":", 1)
+        cmd += [f"--nnodes={nodes}", f"--node-rank={node_rank}", f"--master-addr={host}", f"--master-port={port}"]
+    return cmd + ["-m", module, *args]
+
+
+def seed_all(*seed: int) -> None:
+    """Seed Python, NumPy and torch from a tuple (e.g. run seed, epoch)."""
+    value = int(np.random.SeedSequence(list(seed)).generate_state(1)[0])
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
