@@ -1,6 +1,6 @@
 """The Streamlit page: pick a trained variant, upload X-rays, see the decision and why.
 
-Start it with `python -m stages.webapp` from the project root. Uploads stay
+Start it with `python -m cxrlab.cli.page` from the project root. Uploads stay
 in memory (Streamlit's UploadedFile) and are decoded from there exactly as
 the prediction command decodes files; nothing is written to disk.
 """
@@ -12,9 +12,9 @@ import io
 import numpy as np
 import streamlit as st
 
-from cxrlab.explain.cam import overlay
 from cxrlab.config.schema import load_params
 from cxrlab.data.images import IMAGE_SUFFIXES
+from cxrlab.explain.cam import overlay
 from cxrlab.serving.predict import Predictor, decode, variant_predictor
 from cxrlab.serving.webapp import metrics_table, trained_variants
 

@@ -413,12 +413,20 @@ def measure_model(pipe: Pipeline, args, defaults: dict, log: Progress) -> dict:
     """Training and evaluation images/s of both sides, in `args.model_rounds` rounds taking turns
     (so a burst of load elsewhere hits both); each side's images over its total time."""
     import torchvision
-    from cxrlab.data.datasets import ImageArrayDataset, LoaderSettings, Split, eval_batch_size, make_loader, set_epoch
-    from cxrlab.training.engine import predict, train_one_epoch
-    from cxrlab.model.losses import StudyLoss
+
+    from cxrlab.data.datasets import (
+        ImageArrayDataset,
+        LoaderSettings,
+        Split,
+        eval_batch_size,
+        make_loader,
+        set_epoch,
+    )
     from cxrlab.model.backbones import build_model
-    from cxrlab.training.runtime import seed_all
+    from cxrlab.model.losses import StudyLoss
     from cxrlab.model.optim import make_optimizer
+    from cxrlab.training.engine import predict, train_one_epoch
+    from cxrlab.training.runtime import seed_all
 
     cfg = pipe.params.variant("baseline")
     data, ev = pipe.params.data, pipe.params.evaluate
@@ -597,12 +605,12 @@ def memory_child(argv: list[str]) -> None:
     torch.set_num_threads(threads)
     from cxrlab.config.schema import load_params
     from cxrlab.data.datasets import load_split, set_epoch
-    from cxrlab.training.engine import predict, train_one_epoch
-    from cxrlab.model.losses import StudyLoss
     from cxrlab.model.backbones import build_model
-    from cxrlab.training.runtime import seed_all, setup
+    from cxrlab.model.losses import StudyLoss
     from cxrlab.model.optim import make_optimizer
+    from cxrlab.training.engine import predict, train_one_epoch
     from cxrlab.training.loop import make_loaders
+    from cxrlab.training.runtime import seed_all, setup
 
     _report("imports")
     params = load_params()

@@ -8,14 +8,14 @@ in a temporary folder that becomes `data/raw` only once complete.
 
 from __future__ import annotations
 
-import errno
 import argparse
+import errno
 from typing import Sequence
 
 from cxrlab import paths
 from cxrlab.config.schema import load_params
-from cxrlab.errors import UserError, run_stage
 from cxrlab.data.fetch import fetch
+from cxrlab.errors import UserError, run_stage
 from cxrlab.io.fsio import atomic_dir
 
 

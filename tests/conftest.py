@@ -14,7 +14,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 MINI = SHARED_DATA / "tb-cxr-mini"
-PROJECT_FILES = ("stages", "app", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/plots", ".dvcignore", ".gitignore")
+PROJECT_FILES = ("stages", "cxrlab", "app", "studies", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/plots", ".dvcignore", ".gitignore")
+
+COMMANDS = ("predict", "page", "study")  # cxrlab.cli.<name>; everything else is stages.<name>
 
 # Small enough for two CPU cores: 32 px images, ResNet-18, two epochs, 200 bootstrap resamples.
 TINY = {
@@ -62,8 +64,9 @@ def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProces
 
 
 def stage(module: str, *args: str, cwd: Path, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run a stage's module as DVC would; `env` adds environment variables."""
-    return run([sys.executable, "-m", f"stages.{module}", *args], cwd=cwd, check=check, extra_env=env)
+    """Run a stage's module as DVC would (or a command: predict, page, study); `env` adds environment variables."""
+    target = f"cxrlab.cli.{module}" if module in COMMANDS else f"stages.{module}"
+    return run([sys.executable, "-m", target, *args], cwd=cwd, check=check, extra_env=env)
 
 
 def copy_project(dest: Path) -> Path:
@@ -116,8 +119,9 @@ def prepared_project(root: Path, n_per_class: int = 20, **changes) -> Path:
 
 def hub_weights_path(torch_home: Path, arch: str) -> Path:
     """Where torchvision looks for `arch`'s ImageNet weights under TORCH_HOME."""
-    import torchvision
     from urllib.parse import urlparse
+
+    import torchvision
 
     url = torchvision.models.get_model_weights(arch).DEFAULT.url
     return torch_home / "hub" / "checkpoints" / Path(urlparse(url).path).name

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from cxrlab.data import fetch
-from stages import download
 from cxrlab.errors import UserError
+from stages import download
 from tests.conftest import set_params
 
 

@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from cxrlab.config.schema import load_params
-from cxrlab.evaluation import ensemble
-from cxrlab.evaluation.ensemble import TIE_BREAK, combine
 from cxrlab.errors import UserError
+from cxrlab.evaluation.ensemble import TIE_BREAK, combine
+from stages import ensemble
 from tests.conftest import ROOT, prepared_project, run, set_params
 
 MEMBERS = ["baseline", "dropout"]

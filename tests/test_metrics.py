@@ -5,8 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cxrlab.evaluation.metrics import (
+    classification_metrics,
+    confusion_rows,
+    specificity_per_class,
+)
 from cxrlab.training.engine import confusion_summary
-from cxrlab.evaluation.metrics import classification_metrics, confusion_rows, specificity_per_class
 
 CLASSES = ["Healthy", "TB"]
 

@@ -9,10 +9,16 @@ from torch import nn
 from torchvision.transforms import v2
 
 from cxrlab.config.schema import load_params
-from cxrlab.data.datasets import EpochSampler, ImageArrayDataset, LoaderSettings, Split, build_augment, make_loader, set_epoch
-from cxrlab.training.engine import predict
+from cxrlab.data.datasets import (
+    EpochSampler,
+    ImageArrayDataset,
+    LoaderSettings,
+    Split,
+    build_augment,
+    make_loader,
+    set_epoch,
+)
 from cxrlab.errors import UserError
-from cxrlab.model.losses import StudyLoss, l2_penalty
 from cxrlab.model.backbones import (
     build_model,
     checkpoint_meta,
@@ -22,8 +28,10 @@ from cxrlab.model.backbones import (
     model_from_checkpoint,
     save_checkpoint,
 )
-from cxrlab.training.runtime import Runtime
+from cxrlab.model.losses import StudyLoss, l2_penalty
+from cxrlab.training.engine import predict
 from cxrlab.training.loop import make_loaders
+from cxrlab.training.runtime import Runtime
 from tests.conftest import ROOT
 
 CPU = Runtime(device=torch.device("cpu"))

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cxrlab.cli.predict import main
 from cxrlab.errors import UserError
-from cxrlab.serving.predict import main
 from tests.conftest import stage
 
 

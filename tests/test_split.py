@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cxrlab.data import split
-from cxrlab.errors import UserError
+from cxrlab.data import split as split_lib
 from cxrlab.data.images import natural_key
 from cxrlab.data.layout import find_class_folders, list_class
+from cxrlab.errors import UserError
+from stages import split
 from tests.conftest import set_params
 
 TBX11K_LIST = Path(__file__).parent / "data" / "tbx11k_health_tb.txt"
@@ -108,7 +109,7 @@ def test_max_per_class_keeps_the_first_ids(tbx11k):
 @pytest.mark.parametrize("n, fraction, expected", [(3800, 0.2, 760), (800, 0.2, 160), (100, 0.29, 29),
                                                    (10, 0.7, 7), (9, 0.2, 1), (4, 0.2, 0)])
 def test_test_count_is_the_exact_floor(n, fraction, expected):
-    assert split.n_test(n, fraction) == expected
+    assert split_lib.n_test(n, fraction) == expected
 
 
 def test_ids_sort_by_number_not_text():
@@ -118,9 +119,9 @@ def test_ids_sort_by_number_not_text():
 
 
 def test_hold_out_keeps_one_image_each_side():
-    assert len(split.hold_out(["a", "b"], 0.01, seed=0, label=0)) == 1
-    assert len(split.hold_out(["a", "b", "c"], 0.99, seed=0, label=0)) == 2
-    assert split.hold_out(["a", "b", "c"], 0.0, seed=0, label=0) == set()
+    assert len(split_lib.hold_out(["a", "b"], 0.01, seed=0, label=0)) == 1
+    assert len(split_lib.hold_out(["a", "b", "c"], 0.99, seed=0, label=0)) == 2
+    assert split_lib.hold_out(["a", "b", "c"], 0.0, seed=0, label=0) == set()
 
 
 def test_class_folder_found_by_longer_path_when_ambiguous(tmp_path):

@@ -16,16 +16,21 @@ import numpy as np
 import pytest
 import yaml
 
-from cxrlab.evaluation import compare
-from cxrlab.evaluation import ensemble
-from cxrlab.evaluation import evaluate
-from cxrlab.model import flops
-from cxrlab.reports import plots
-from cxrlab.data import preprocess
-from cxrlab.data import split
+from cxrlab.cli import study
 from cxrlab.config import studies
 from cxrlab.training import loop
-from stages import download, prepare
+from stages import (
+    compare,
+    download,
+    ensemble,
+    evaluate,
+    flops,
+    plots,
+    prepare,
+    preprocess,
+    split,
+    train,
+)
 from tests.conftest import copy_project, set_params, write_hub_weights
 from tests.synthetic import make_dataset
 
@@ -115,11 +120,11 @@ def test_the_study_command_lists_applies_and_validates(tmp_path, monkeypatch, ca
     assert all(name in listed for name in STUDIES) and len(STUDIES) == 4
 
     original = (ROOT / "params.yaml").read_text()
-    applied = yaml.safe_load(study.apply(study.read_study("covid4_transfer"), original))
+    applied = yaml.safe_load(studies.apply(studies.read_study("covid4_transfer"), original))
     assert list(applied["experiments"]) == ["resnet152_head", "resnet50_finetune", "vit_b16_head"]
     assert list(applied["data"]["classes"]) == ["COVID-19", "Normal", "Pneumonia", "Tuberculosis"]
     assert applied["train"]["lr"] == yaml.safe_load(original)["train"]["lr"]  # keys it does not name stay
-    assert "# Every knob of the pipeline" in study.apply({"train": {"lr": 0.1}}, original)  # comments stay
+    assert "# Every knob of the pipeline" in studies.apply({"train": {"lr": 0.1}}, original)  # comments stay
 
     project = copy_project(tmp_path / "p")
     (project / "studies").mkdir()
@@ -202,8 +207,8 @@ def test_three_classes_end_to_end_with_weights_sampler_and_early_stopping(tmp_pa
         frozen.setdefault("m", real(y, prob, classes, positive))
         return frozen["m"]
 
-    real = train.classification_metrics
-    monkeypatch.setattr(train, "classification_metrics", plateau)
+    real = loop.classification_metrics
+    monkeypatch.setattr(loop, "classification_metrics", plateau)
     params = run_pipeline(project, monkeypatch)
     check_complete(project, params)
     m = report(project, "baseline")["best"]

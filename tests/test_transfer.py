@@ -14,10 +14,10 @@ from torch import nn
 from cxrlab.config.schema import ARCHITECTURES
 from cxrlab.data.datasets import EpochSampler, balanced_weights
 from cxrlab.errors import UserError
+from cxrlab.model.backbones import build_model, head_name
 from cxrlab.model.flops import count_model
 from cxrlab.model.freezing import apply_freeze, phase_at, phases, train_mode
 from cxrlab.model.losses import StudyLoss, class_weights
-from cxrlab.model.backbones import build_model, head_name
 from cxrlab.model.optim import make_optimizer, make_scheduler, scale_lr
 from tests.conftest import hub_weights_path
 

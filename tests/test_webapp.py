@@ -43,12 +43,12 @@ def project_files(project: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def server(trained_project, tmp_path_factory):
-    """`python -m stages.webapp` on a free port; yields its URL, stopped afterwards."""
+    """`python -m cxrlab.cli.page` on a free port; yields its URL, stopped afterwards."""
     port = free_port()
     log = tmp_path_factory.mktemp("webapp") / "server.log"
     home = tmp_path_factory.mktemp("home")  # Streamlit's own settings folder, not the user's
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "stages.webapp", "--port", str(port)], cwd=trained_project,
+        proc = subprocess.Popen([sys.executable, "-m", "cxrlab.cli.page", "--port", str(port)], cwd=trained_project,
                                 env=env({"HOME": str(home)}), stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -1,30 +1,17 @@
-"""Apply a named study configuration from `studies/` to params.yaml.
+"""Named study configurations (`studies/*.yaml`) and applying one to params.yaml text.
 
-    python -m stages.study --list
-    python -m stages.study covid4_transfer
-    dvc exp run -n covid4 -S data.source=/data/chest-xray-4class
-
-A study file is a partial params.yaml. It replaces `experiments` and
-`ensembles` as a whole (a study brings its own variants) and sets each key
-it names in the other sections, leaving the rest of params.yaml, comments
-included, as it was. The result is validated before params.yaml is written;
-`git checkout params.yaml` goes back.
+`cxrlab.cli.study` is the command; this module reads and merges, keeping comments (ruamel.yaml).
 """
 
 from __future__ import annotations
 
-import argparse
 import io
-import tempfile
 from pathlib import Path
-from typing import Sequence
 
 import yaml
 from ruamel.yaml import YAML
 
-from cxrlab.config.schema import PARAMS_FILE, load_params
-from cxrlab.errors import UserError, run_stage
-from cxrlab.io.fsio import atomic_file
+from cxrlab.errors import UserError
 
 STUDIES = Path("studies")
 REPLACED = ("experiments", "ensembles")
@@ -58,39 +45,3 @@ def apply(overlay: dict, params_text: str) -> str:
     out = io.StringIO()
     rt.dump(doc, out)
     return out.getvalue()
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name", nargs="?", help="a file of studies/ without .yaml")
-    parser.add_argument("--list", action="store_true", help="list the studies and their first comment line")
-    args = parser.parse_args(argv)
-    if args.list or not args.name:
-        for name in available():
-            first = (STUDIES / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
-            print(f"{name:24s} {first}")
-        return
-
-    overlay = read_study(args.name)
-    params = Path(PARAMS_FILE)
-    if not params.is_file():
-        raise UserError(f"{params} not found; run this from the repository root")
-    text = apply(overlay, params.read_text())
-    with tempfile.TemporaryDirectory() as tmp:
-        candidate = Path(tmp) / PARAMS_FILE
-        candidate.write_text(text)
-        try:
-            load_params(candidate)
-        except UserError as err:
-            raise UserError(f"study {args.name} does not give valid params:\n{err}") from None
-    with atomic_file(params) as tmp_file:
-        Path(tmp_file).write_text(text)
-    variants = ", ".join(overlay.get("experiments", {}))
-    print(f"study {args.name}: applied to {params} (variants {variants}); "
-          f"now point data.source at the data and run, e.g.\n"
-          f"  dvc exp run -n {args.name} -S data.source=/path/to/folder-per-class-data\n"
-          f"`git checkout {params}` undoes it.")
-
-
-if __name__ == "__main__":
-    run_stage(main, "study")

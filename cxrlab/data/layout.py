@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cxrlab.errors import UserError
 from cxrlab.data.images import is_image_name, natural_key
+from cxrlab.errors import UserError
 
 _SKIP_DIRS = {"__MACOSX", ".git", ".dvc"}
 

@@ -14,21 +14,18 @@ the three channels the models take, so the model sees the same input.
 
 from __future__ import annotations
 
-import argparse
 import os
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from cxrlab import paths
-from cxrlab.config.schema import load_params
-from cxrlab.errors import UserError, run_stage
-from cxrlab.io.fsio import atomic_dir, write_json
 from cxrlab.data.images import load_rgb
+from cxrlab.errors import UserError
+from cxrlab.io.fsio import atomic_dir, write_json
 from cxrlab.io.records import read_rows, write_rows
 
 
@@ -64,9 +61,7 @@ def is_grayscale(array: np.ndarray, chunk: int = 256) -> bool:
     return True
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    argparse.ArgumentParser(description=__doc__).parse_args(argv)
-    size = load_params().data.image_size
+def preprocess(size: int) -> None:
     splits = {"train": read_rows(paths.TRAIN_CSV), "test": read_rows(paths.TEST_CSV)}
     classes = {int(r["label"]): r["class"] for rows in splits.values() for r in rows}
     workers = max(1, min(os.cpu_count() or 1, 16))
@@ -94,6 +89,3 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"preprocess: {sum(map(len, splits.values()))} images at {size}x{size} px, "
           f"{'grayscale (1 channel)' if gray else 'colour (3 channels)'}, in {paths.PREPARED}")
 
-
-if __name__ == "__main__":
-    run_stage(main, "preprocess")

@@ -14,21 +14,20 @@ last file.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from decimal import Decimal
-from typing import Sequence
 
 import numpy as np
 
 from cxrlab import paths
-from cxrlab.config.schema import load_params
-from cxrlab.errors import UserError, run_stage
-from cxrlab.io.fsio import atomic_dir, write_json
+from cxrlab.config.schema import DataParams
 from cxrlab.data.images import check_images
 from cxrlab.data.layout import ClassFolder, find_class_folders, list_class
+from cxrlab.errors import UserError
+from cxrlab.io.fsio import atomic_dir, write_json
 from cxrlab.io.records import write_rows
+
 
 def n_test(n: int, test_fraction: float) -> int:
     """floor(test_fraction * n), exact for decimal fractions (0.29 * 100 is 29, not 28)."""
@@ -110,9 +109,7 @@ def drop_bad_images(classes: list[ClassFolder], policy: str, max_per_class: int 
     return dict(sorted(bad.items()))
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    argparse.ArgumentParser(description=__doc__).parse_args(argv)
-    data = load_params().data
+def split_dataset(data: DataParams) -> None:
     if not paths.RAW.is_dir():
         raise UserError(f"{paths.RAW} does not exist; run the download stage first (dvc repro download)")
 
@@ -147,6 +144,3 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"split: {name}: test {t['count']} ({t['first']}..{t['last']}), "
               f"train {tr['count']} ({tr['first']}..{tr['last']}, {tr['of_which_val']} held out for validation)")
 
-
-if __name__ == "__main__":
-    run_stage(main, "split")

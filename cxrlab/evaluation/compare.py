@@ -15,15 +15,12 @@ sentence per variant saying which differences are significant at `stats.alpha`.
 
 from __future__ import annotations
 
-import argparse
-from typing import Sequence
-
 import numpy as np
 
 from cxrlab import paths
+from cxrlab.config.schema import Params
+from cxrlab.errors import UserError
 from cxrlab.evaluation import stats
-from cxrlab.config.schema import load_params
-from cxrlab.errors import UserError, run_stage
 from cxrlab.io.fsio import write_json, write_text
 from cxrlab.io.records import read_rows
 
@@ -106,9 +103,7 @@ def markdown(result: dict, n_test: int) -> str:
     return "\n".join(lines + ["", "In words:", "", *words, ""])
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    argparse.ArgumentParser(description=__doc__).parse_args(argv)
-    params = load_params()
+def compare_all(params: Params) -> None:
     st, ref = params.stats, params.compare.reference
     y, ref_probs, classes = read_predictions(ref, f"evaluate@{ref}")
     positive = classes.index(params.data.positive_class)
@@ -151,6 +146,3 @@ def main(argv: Sequence[str] | None = None) -> None:
     write_text(paths.COMPARISON_TABLE, table)
     print(table)
 
-
-if __name__ == "__main__":
-    run_stage(main, "compare")

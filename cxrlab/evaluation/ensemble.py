@@ -23,16 +23,19 @@ and `epoch` is null: an ensemble has no single epoch.
 
 from __future__ import annotations
 
-import argparse
-from typing import Sequence
-
 import numpy as np
 
 from cxrlab import paths
-from cxrlab.config.schema import load_params
+from cxrlab.config.schema import Params
 from cxrlab.data.datasets import eval_batch_size, prepared_image_size
-from cxrlab.errors import run_stage
-from cxrlab.evaluation.evaluate import CHECKPOINTS, ByRun, predict_checkpoint, report_and_write, runtime, scoring_data
+from cxrlab.evaluation.evaluate import (
+    CHECKPOINTS,
+    ByRun,
+    predict_checkpoint,
+    report_and_write,
+    runtime,
+    scoring_data,
+)
 
 # Weight of the soft mean in a hard vote: breaks ties (and ranks them for ROC) without outweighing a vote.
 TIE_BREAK = 1e-3
@@ -48,12 +51,8 @@ def combine(member_probs: list[np.ndarray], voting: str) -> np.ndarray:
     return (1 - TIE_BREAK) * votes + TIE_BREAK * soft
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("ensemble", help="a key of `ensembles` in params.yaml")
-    args = parser.parse_args(argv)
-    params = load_params()
-    spec = params.ensemble(args.ensemble)
+def evaluate_ensemble(name: str, params: Params) -> None:
+    spec = params.ensemble(name)
     rt = runtime(params)
     test, y_val, loaders = scoring_data(eval_batch_size(params.evaluate.batch_size, rt.device), rt)
     image_size = prepared_image_size()
@@ -71,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if y_val is not None:
                 member_val[which].append(np.mean([val_prob for _, val_prob, _ in runs], axis=0))
             member_epochs[member][which] = {f"seed_{s}": epoch for s, (_, _, epoch) in zip(seeds, runs)}
-        print(f"ensemble {args.ensemble}: predicted with {member} (seeds {seeds})")
+        print(f"ensemble {name}: predicted with {member} (seeds {seeds})")
 
     seeds = sorted({s for member in spec.members for s in params.variant(member).seeds})
     run = "+".join(map(str, seeds))
@@ -80,9 +79,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                         for w in CHECKPOINTS}
     header = {"ensemble": {"members": spec.members, "voting": spec.voting, "member_epochs": member_epochs},
               "seeds": seeds}
-    report_and_write(f"ensemble {args.ensemble} ({spec.voting} voting)", paths.eval_dir(args.ensemble), header,
+    report_and_write(f"ensemble {name} ({spec.voting} voting)", paths.eval_dir(name), header,
                      [run], probs, val_probs, {w: {run: None} for w in CHECKPOINTS}, test, y_val, params)
 
-
-if __name__ == "__main__":
-    run_stage(main, "ensemble")

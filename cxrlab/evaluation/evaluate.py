@@ -24,10 +24,9 @@ The ensemble stage reuses the loading and prediction helpers and
 
 from __future__ import annotations
 
-import argparse
 import csv
 from pathlib import Path
-from typing import Hashable, Sequence
+from typing import Hashable
 
 import numpy as np
 import torch
@@ -35,15 +34,22 @@ from dvclive import Live
 from torch.utils.data import DataLoader
 
 from cxrlab import paths
-from cxrlab.config.schema import Params, load_params
-from cxrlab.data.datasets import (ImageArrayDataset, LoaderSettings, Split, eval_batch_size, load_split, make_loader,
-                             prepared_image_size)
-from cxrlab.training.engine import predict
-from cxrlab.errors import UserError, run_stage
+from cxrlab.config.schema import Params
+from cxrlab.data.datasets import (
+    ImageArrayDataset,
+    LoaderSettings,
+    Split,
+    eval_batch_size,
+    load_split,
+    make_loader,
+    prepared_image_size,
+)
+from cxrlab.errors import UserError
+from cxrlab.evaluation.scoring import seed_report, seeds_report
 from cxrlab.io.fsio import atomic_file, write_json
 from cxrlab.model.backbones import load_checkpoint, model_from_checkpoint
+from cxrlab.training.engine import predict
 from cxrlab.training.runtime import Runtime, setup
-from cxrlab.evaluation.scoring import seed_report, seeds_report
 
 CHECKPOINTS = ("best", "last")
 
@@ -98,12 +104,8 @@ def predict_checkpoint(path: Path, classes: list[str], image_size: int, rt: Runt
     return test, val, int(ckpt["epoch"])
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("variant", help="a key of `experiments` in params.yaml")
-    args = parser.parse_args(argv)
-    params = load_params()
-    seeds = params.variant(args.variant).seeds
+def evaluate_variant(variant: str, params: Params) -> None:
+    seeds = params.variant(variant).seeds
     rt = runtime(params)
     test, y_val, loaders = scoring_data(eval_batch_size(params.evaluate.batch_size, rt.device), rt)
     image_size = prepared_image_size()
@@ -113,12 +115,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     epochs: dict[str, dict[Hashable, int]] = {w: {} for w in CHECKPOINTS}
     for seed in seeds:
         for which in CHECKPOINTS:
-            test_prob, val_prob, epoch = predict_checkpoint(paths.checkpoint(args.variant, seed, which), test.classes,
+            test_prob, val_prob, epoch = predict_checkpoint(paths.checkpoint(variant, seed, which), test.classes,
                                                             image_size, rt, loaders, f"test seed {seed} {which}")
             probs[which][seed], epochs[which][seed] = test_prob, epoch
             if val_prob is not None:
                 val_probs[which][seed] = val_prob
-    report_and_write(f"evaluate {args.variant}", paths.eval_dir(args.variant), {"seeds": seeds}, seeds,
+    report_and_write(f"evaluate {variant}", paths.eval_dir(variant), {"seeds": seeds}, seeds,
                      probs, val_probs, epochs, test, y_val, params)
 
 
@@ -201,6 +203,3 @@ def report_and_write(title: str, out: Path, header: dict, seeds: list[Hashable],
                      f"specificity {op['test']['specificity']:.4f}, WHO TPP {'met' if op['meets_who_tpp'] else 'not met'}")
         print(line)
 
-
-if __name__ == "__main__":
-    run_stage(main, "evaluate")

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cxrlab.evaluation import stats
 from cxrlab.config.schema import EvaluateParams, StatsParams
+from cxrlab.evaluation import stats
 from cxrlab.evaluation.metrics import classification_metrics
 
 

@@ -16,9 +16,7 @@ Writes to `explanations/<variant>/`:
 
 from __future__ import annotations
 
-import argparse
 import csv
-from typing import Sequence
 
 import matplotlib
 
@@ -27,11 +25,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cxrlab import paths  # noqa: E402
-from cxrlab.explain.cam import overlay  # noqa: E402
-from cxrlab.config.schema import load_params  # noqa: E402
+from cxrlab.config.schema import Params
 from cxrlab.data.datasets import eval_batch_size, load_split, prepared_image_size  # noqa: E402
-from cxrlab.errors import UserError, run_stage  # noqa: E402
+from cxrlab.errors import UserError  # noqa: E402
 from cxrlab.evaluation.evaluate import load_for_test  # noqa: E402
+from cxrlab.explain.cam import overlay  # noqa: E402
 from cxrlab.io.fsio import atomic_file  # noqa: E402
 from cxrlab.serving.predict import make_predictor, operating_threshold  # noqa: E402
 
@@ -79,21 +77,17 @@ def draw_gallery(path, pictures: dict[str, list[tuple[np.ndarray, str]]], per_gr
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("variant", help="a key of `experiments` in params.yaml")
-    args = parser.parse_args(argv)
-    params = load_params()
-    seed = params.variant(args.variant).seeds[0]
+def explain_variant(variant: str, params: Params) -> None:
+    seed = params.variant(variant).seeds[0]
     which, per_group = params.explain.checkpoint, params.explain.per_group
     positive_class = params.data.positive_class
 
     test = load_split("test")
     if not len(test):
         raise UserError(f"the test set in {paths.PREPARED} is empty; raise data.test_fraction")
-    path = paths.checkpoint(args.variant, seed, which)
+    path = paths.checkpoint(variant, seed, which)
     ckpt = load_for_test(path, test.classes, prepared_image_size())
-    threshold = operating_threshold(args.variant, seed) if which == "best" else None
+    threshold = operating_threshold(variant, seed) if which == "best" else None
     predictor = make_predictor(ckpt, path, positive_class, threshold, device=params.train.device)
     positive = test.classes.index(positive_class)
 
@@ -116,18 +110,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             rows.append([group, r["filename"], r["class"], f"{probs[i, positive]:.6f}", test.classes[decided[i]]])
     counts = ", ".join(f"{g} {int(np.sum(((test.labels == positive) == t) & ((decided == positive) == d)))}"
                        for g, t, d, _ in GROUPS)
-    title = (f"{args.variant}, seed {seed}, {which} checkpoint: Grad-CAM of {positive_class} on test images, "
+    title = (f"{variant}, seed {seed}, {which} checkpoint: Grad-CAM of {positive_class} on test images, "
              f"decided by {predictor.rule.split(' (')[0]}\n{counts}")
 
-    out = paths.explain_dir(args.variant)
+    out = paths.explain_dir(variant)
     draw_gallery(out / "gallery.png", pictures, per_group, title)
     with atomic_file(out / "gallery.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["group", "filename", "class", f"prob_{positive_class}", "decision"])
         writer.writerows(rows)
-    print(f"explain {args.variant}: {len(test)} test images ({counts}); Grad-CAM of {len(shown)} "
+    print(f"explain {variant}: {len(test)} test images ({counts}); Grad-CAM of {len(shown)} "
           f"in {out / 'gallery.png'}")
 
-
-if __name__ == "__main__":
-    run_stage(main, "explain")

@@ -11,16 +11,12 @@ slightly different ResNet.
 
 from __future__ import annotations
 
-import argparse
-from typing import Sequence
-
 import thop
 import torch
 from torch import nn
 
 from cxrlab import paths
-from cxrlab.config.schema import TrainParams, load_params
-from cxrlab.errors import run_stage
+from cxrlab.config.schema import Params, TrainParams
 from cxrlab.io.fsio import write_json
 from cxrlab.model.backbones import build_model, count_parameters
 
@@ -45,9 +41,7 @@ def count_model(cfg: TrainParams, num_classes: int, image_size: int) -> dict:
             "gmacs": round(macs / 1e9, 4), "gflops": round(2 * macs / 1e9, 4)}
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    argparse.ArgumentParser(description=__doc__).parse_args(argv)
-    params = load_params()
+def count_variants(params: Params) -> None:
     size, k = params.data.image_size, len(params.data.classes)
     report = {
         "units": (f"per image at 3x{size}x{size}, batch 1, counted by thop.profile: "
@@ -65,6 +59,3 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"= {c['gflops']:.3f} GFLOPs per image at {size} px")
     write_json(paths.FLOPS, report)
 
-
-if __name__ == "__main__":
-    run_stage(main, "flops")

@@ -18,20 +18,18 @@ have no training curves, single epoch, FLOPs or study protocol ("–").
 
 from __future__ import annotations
 
-import argparse
 import csv
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from cxrlab.reports import figures
 from cxrlab import paths
-from cxrlab.config.schema import load_params
-from cxrlab.errors import UserError, run_stage
+from cxrlab.config.schema import Params
+from cxrlab.errors import UserError
 from cxrlab.io.fsio import atomic_dir, read_json
 from cxrlab.io.records import read_rows
+from cxrlab.reports import figures
 
 # The published results (test-picked epoch), shown beside ours on TBX11K's test set.
 STUDY_PUBLISHED = {
@@ -199,9 +197,7 @@ def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
         writer.writerows(rows)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    argparse.ArgumentParser(description=__doc__).parse_args(argv)
-    params = load_params()
+def make_plots(params: Params) -> None:
     variants = list(params.variants)
     stage_of = {v: f"evaluate@{v}" for v in variants} | {e: f"ensemble@{e}" for e in params.ensembles}
     scored = list(stage_of)  # the variants, then the ensembles
@@ -263,6 +259,3 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"plots: figures, summary.md and plot data in {paths.PLOTS}/")
     print((paths.PLOTS / "summary.md").read_text())
 
-
-if __name__ == "__main__":
-    run_stage(main, "plots")

@@ -1,26 +1,18 @@
-"""Command `python -m stages.webapp`: the web page for trained models, on 127.0.0.1.
+"""What the web page shows about trained variants, and the Streamlit command line that serves it.
 
-Starts Streamlit on `app/page.py` from the project root (where `params.yaml`,
-`models/` and `metrics/` are), listening on 127.0.0.1 only unless
-`--address` says otherwise, with no usage statistics sent and no browser
-opened. The helpers below are what the page shows; they read the pipeline's
-outputs and never write anything.
+The page itself is `app/page.py`; `cxrlab.cli.page` starts it. Nothing here writes anything.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from pathlib import Path
-from typing import Sequence
 
 from cxrlab import paths
-from cxrlab.config.schema import Params, load_params
-from cxrlab.errors import UserError, run_stage
+from cxrlab.config.schema import Params
 from cxrlab.io.fsio import read_json
 
-PAGE = Path(__file__).resolve().parents[1] / "app" / "page.py"
+PAGE = Path(__file__).resolve().parents[2] / "app" / "page.py"
 
 # (key in the evaluate report, label) of the test metrics the page shows
 HEADLINE = (("accuracy", "Accuracy"), ("sensitivity", "Sensitivity"), ("specificity", "Specificity"),
@@ -74,22 +66,3 @@ def command(address: str, port: int) -> list[str]:
             "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
             "--server.runOnSave", "false", "--global.developmentMode", "false",
             "--client.toolbarMode", "minimal", "--theme.base", "light"]
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--address", default="127.0.0.1",
-                        help="where to listen (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
-    parser.add_argument("--port", type=int, default=8501)
-    args = parser.parse_args(argv)
-    params = load_params()  # from the project root: a wrong folder or params file fails here, not in the page
-    if not trained_variants(params):
-        raise UserError(f"no trained variant in {paths.MODELS}/; run `dvc repro` (or `dvc pull`) first")
-    print(f"webapp: http://{args.address}:{args.port} (Ctrl+C stops it)", flush=True)
-    code = str(PAGE.parents[1])  # the page imports stages.* from here
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [code, os.environ.get("PYTHONPATH")]))}
-    os.execve(sys.executable, command(args.address, args.port), env)
-
-
-if __name__ == "__main__":
-    run_stage(main, "webapp")

@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cxrlab.data.datasets import to_model_input
+from cxrlab.evaluation.stats import metrics_from_confusion
 from cxrlab.model.freezing import train_mode
 from cxrlab.training.runtime import Runtime
-from cxrlab.evaluation.stats import metrics_from_confusion
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,

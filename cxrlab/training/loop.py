@@ -33,7 +33,6 @@ is the same as an uninterrupted run.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -41,13 +40,12 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from dvclive import Live
 
 from cxrlab import paths
-from cxrlab.config.schema import DataParams, TrainParams, load_params
+from cxrlab.config.schema import DataParams, Params, TrainParams
 from cxrlab.data.datasets import (
     ImageArrayDataset,
     LoaderSettings,
@@ -60,14 +58,20 @@ from cxrlab.data.datasets import (
     prepared_image_size,
     set_epoch,
 )
-from cxrlab.training.engine import confusion_summary, predict, train_one_epoch
-from cxrlab.errors import UserError, run_stage
-from cxrlab.model.freezing import apply_freeze, phase_at, phases
-from cxrlab.io.fsio import atomic_dir, remove, write_json
-from cxrlab.model.losses import StudyLoss, class_weights
+from cxrlab.errors import UserError
 from cxrlab.evaluation.metrics import classification_metrics
-from cxrlab.model.backbones import build_model, checkpoint_meta, count_parameters, load_checkpoint, save_checkpoint
+from cxrlab.io.fsio import atomic_dir, remove, write_json
+from cxrlab.model.backbones import (
+    build_model,
+    checkpoint_meta,
+    count_parameters,
+    load_checkpoint,
+    save_checkpoint,
+)
+from cxrlab.model.freezing import apply_freeze, phase_at, phases
+from cxrlab.model.losses import StudyLoss, class_weights
 from cxrlab.model.optim import make_optimizer, make_scheduler, scale_lr
+from cxrlab.training.engine import confusion_summary, predict, train_one_epoch
 from cxrlab.training.runtime import Runtime, seed_all, setup, teardown, torchrun_command
 
 HIGHER_IS_BETTER = {"f1": True, "macro_f1": True, "accuracy": True, "roc_auc": True, "loss": False}
@@ -104,20 +108,16 @@ def format_eta(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("variant", help="a key of `experiments` in params.yaml")
-    args = parser.parse_args(argv)
+def train_variant(variant: str, params: Params) -> None:
 
-    params = load_params()
-    cfg = params.variant(args.variant)
+    cfg = params.variant(variant)
     train_split, test_split = load_split("train"), load_split("test")
-    launch = torchrun_command(cfg.processes, cfg.nodes, cfg.rendezvous, "stages.train", [args.variant])
+    launch = torchrun_command(cfg.processes, cfg.nodes, cfg.rendezvous, "stages.train", [variant])
     if launch:
-        print(f"train {args.variant}: data-parallel, {' '.join(launch[1:])}", flush=True)
+        print(f"train {variant}: data-parallel, {' '.join(launch[1:])}", flush=True)
         code = subprocess.call(launch)
         if code:
-            raise UserError(f"the data-parallel processes of train {args.variant} failed (exit code {code}); "
+            raise UserError(f"the data-parallel processes of train {variant} failed (exit code {code}); "
                             "their messages are above")
         return
 
@@ -128,10 +128,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise UserError(f"{paths.PREPARED}/train.csv has no rows with subset=train; lower data.val_fraction")
         runs = {}
         for i, seed in enumerate(cfg.seeds):
-            runs[f"seed_{seed}"] = train_run(args.variant, cfg, seed, params.data, rt, fit, val, test_split,
+            runs[f"seed_{seed}"] = train_run(variant, cfg, seed, params.data, rt, fit, val, test_split,
                                              runs_after=len(cfg.seeds) - 1 - i)
         if rt.is_main:
-            write_json(paths.train_dir(args.variant) / "metrics.json",
+            write_json(paths.train_dir(variant) / "metrics.json",
                        {"select_metric": f"val/{cfg.select_metric}", "seeds": runs})
     finally:
         teardown()
@@ -376,6 +376,3 @@ def _brief(metrics: dict | None) -> dict | None:
         return None
     return {k: metrics[k] for k in ("loss", "accuracy", "f1", "macro_f1", "sensitivity", "specificity", "roc_auc")}
 
-
-if __name__ == "__main__":
-    run_stage(main, "train")

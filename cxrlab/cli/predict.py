@@ -1,0 +1,76 @@
+"""Command `python -m cxrlab.cli.predict`: class probabilities of a trained model for new X-rays.
+
+    python -m cxrlab.cli.predict --variant baseline [--seed S] [--which best|last] PATHS... [--out preds.csv|.json]
+    python -m cxrlab.cli.predict --checkpoint models/baseline/seed_42/best.pt PATHS... [--out preds.json]
+
+PATHS are image files or folders (searched recursively for images). Each
+image is decoded and resized exactly as the preprocess stage does
+(`load_rgb`) and normalised with the checkpoint's own mean and std, so a test
+image gets the probabilities evaluate reported for it. With `--variant`,
+the best checkpoint of a binary task is decided at the operating threshold
+evaluate chose on validation (`metrics/evaluate/<variant>/metrics.json`); a
+last checkpoint, a `--checkpoint` or a task without one is decided by the
+highest probability. Unreadable files are reported and skipped. The table
+goes to stdout; `--out` also writes it as CSV or JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from cxrlab.errors import UserError, run_stage
+from cxrlab.serving.predict import (
+    decode_all,
+    image_files,
+    load_predictor,
+    variant_predictor,
+    write_output,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--variant", help="a trained key of `experiments` in params.yaml")
+    source.add_argument("--checkpoint", type=Path, help="a checkpoint file (.pt) written by the train stage")
+    parser.add_argument("--seed", type=int, help="with --variant: which seed's model (default: the first)")
+    parser.add_argument("--which", choices=("best", "last"), default="best",
+                        help="with --variant: the epoch chosen on validation (best) or the last one")
+    parser.add_argument("--out", type=Path, help="also write the predictions to this .csv or .json file")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    parser.add_argument("paths", nargs="+", help="image files or folders of images")
+    args = parser.parse_args(argv)
+    if args.out is not None and args.out.suffix.lower() not in (".csv", ".json"):
+        raise UserError(f"--out {args.out}: write .csv or .json")
+
+    if args.variant:
+        predictor = variant_predictor(args.variant, args.seed, args.which, args.device)
+    else:
+        predictor = load_predictor(args.checkpoint, device=args.device)
+    files = image_files(args.paths)
+    images, kept, skipped = decode_all(files, predictor.image_size)
+    for path, why in skipped:
+        print(f"skipped {path}: not a readable image ({why})", file=sys.stderr)
+    if not kept:
+        raise UserError(f"none of the {len(files)} files could be read as an image (reasons above)")
+
+    probs = predictor.probabilities(images)
+    decisions = predictor.decisions(probs)
+    classes = predictor.classes
+    print(f"predict: {predictor.path} ({predictor.ckpt['arch']}, {predictor.image_size} px), "
+          f"{len(kept)} images, deciding by {predictor.rule}")
+    width = max(len(str(p)) for p in kept)
+    print(f"{'file':<{width}}  " + "  ".join(f"p({c})" for c in classes) + "  decision")
+    for path, p, decision in zip(kept, probs, decisions):
+        print(f"{str(path):<{width}}  " + "  ".join(f"{v:.4f}".rjust(len(c) + 3) for v, c in zip(p, classes))
+              + f"  {decision}")
+    if args.out is not None:
+        write_output(args.out, predictor, kept, probs, decisions, skipped)
+        print(f"predict: wrote {args.out}" + (f" ({len(skipped)} files skipped)" if skipped else ""))
+
+
+if __name__ == "__main__":
+    run_stage(main, "predict")

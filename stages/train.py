@@ -1,0 +1,24 @@
+"""Stage `train@<variant>`: train one variant; keep its best and last checkpoints.
+
+The behaviour lives in `cxrlab.training.loop.train_variant`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+from cxrlab.config.schema import load_params
+from cxrlab.errors import run_stage
+from cxrlab.training.loop import train_variant
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("variant", help="a key of `experiments` in params.yaml")
+    args = parser.parse_args(argv)
+    train_variant(args.variant, load_params())
+
+
+if __name__ == "__main__":
+    run_stage(main, "train")
