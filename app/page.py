@@ -12,7 +12,7 @@ import io
 import numpy as np
 import streamlit as st
 
-from cxrlab.config.schema import load_params
+from cxrlab.config.load import load_params
 from cxrlab.data.images import IMAGE_SUFFIXES
 from cxrlab.explain.cam import overlay
 from cxrlab.serving.predict import Predictor, decode, variant_predictor

@@ -306,7 +306,7 @@ class Pipeline:
 
     def __init__(self, project: Path, device_spec: str):
         from cxrlab import paths
-        from cxrlab.config.schema import load_params
+        from cxrlab.config.load import load_params
         from cxrlab.data.datasets import load_split
 
         self.project, self.device_spec = project, device_spec
@@ -603,7 +603,7 @@ def memory_child(argv: list[str]) -> None:
     its second epoch (every page of the prepared arrays read), for `steps` steps and one validation batch."""
     variant, steps, threads = argv[0], int(argv[1]), int(argv[2])
     torch.set_num_threads(threads)
-    from cxrlab.config.schema import load_params
+    from cxrlab.config.load import load_params
     from cxrlab.data.datasets import load_split, set_epoch
     from cxrlab.model.backbones import build_model
     from cxrlab.model.losses import StudyLoss
@@ -852,7 +852,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()
     args.workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    from cxrlab.config.schema import load_params
+    from cxrlab.config.load import load_params
     from cxrlab.training.runtime import pick_device
 
     device = pick_device(args.device)

@@ -13,7 +13,7 @@ import errno
 from typing import Sequence
 
 from cxrlab import paths
-from cxrlab.config.schema import load_params
+from cxrlab.config.load import load_params
 from cxrlab.data.fetch import fetch
 from cxrlab.errors import UserError, run_stage
 from cxrlab.io.fsio import atomic_dir

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from cxrlab.config.schema import load_params
+from cxrlab.config.load import load_params
 from cxrlab.errors import run_stage
 from cxrlab.reports.plots import make_plots
 

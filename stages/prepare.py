@@ -12,7 +12,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from cxrlab import paths
-from cxrlab.config.schema import load_params
+from cxrlab.config.load import load_params
 from cxrlab.errors import UserError, run_stage
 from cxrlab.io.fsio import atomic_dir, link_or_copy
 from cxrlab.io.records import read_rows

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cxrlab.config.schema import deep_merge, load_params
+from cxrlab.config.load import deep_merge, load_params
 from cxrlab.errors import UserError
 from tests.conftest import ROOT, set_params
 

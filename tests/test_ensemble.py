@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from cxrlab.config.schema import load_params
+from cxrlab.config.load import load_params
 from cxrlab.errors import UserError
 from cxrlab.evaluation.ensemble import TIE_BREAK, combine
 from stages import ensemble

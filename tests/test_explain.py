@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cxrlab.config.schema import ARCHITECTURES
 from cxrlab.explain.cam import heatmaps, overlay, target_layer, vit_tokens_to_grid
 from cxrlab.explain.gallery import pick
+from cxrlab.model.architectures import ARCHITECTURES
 from cxrlab.model.backbones import build_model, head
 from tests.conftest import dvc
 

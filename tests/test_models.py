@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
-from cxrlab.config.schema import load_params
+from cxrlab.config.load import load_params
 from cxrlab.data.datasets import (
     EpochSampler,
     ImageArrayDataset,

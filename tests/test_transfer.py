@@ -11,9 +11,9 @@ import torch
 import torchvision
 from torch import nn
 
-from cxrlab.config.schema import ARCHITECTURES
 from cxrlab.data.datasets import EpochSampler, balanced_weights
 from cxrlab.errors import UserError
+from cxrlab.model.architectures import ARCHITECTURES
 from cxrlab.model.backbones import build_model, head_name
 from cxrlab.model.flops import count_model
 from cxrlab.model.freezing import apply_freeze, phase_at, phases, train_mode

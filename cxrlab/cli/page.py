@@ -15,7 +15,7 @@ import sys
 from typing import Sequence
 
 from cxrlab import paths
-from cxrlab.config.schema import load_params
+from cxrlab.config.load import load_params
 from cxrlab.errors import UserError, run_stage
 from cxrlab.serving.webapp import PAGE, command, trained_variants
 

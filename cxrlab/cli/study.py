@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from cxrlab.config.schema import PARAMS_FILE, load_params
+from cxrlab.config.load import PARAMS_FILE, load_params
 from cxrlab.config.studies import STUDIES, apply, available, read_study
 from cxrlab.errors import UserError, run_stage
 from cxrlab.io.fsio import atomic_file

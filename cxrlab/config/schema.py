@@ -1,53 +1,26 @@
-"""The one params schema every stage validates `params.yaml` against.
+"""The params schema: one pydantic model per section of `params.yaml`.
 
-`params.yaml` is the single source of every value: the schema below gives
-types and ranges but no defaults, so a value is never silently taken from
-code. `load_params()` validates the whole file (every variant included) and
-raises one `UserError` naming each wrong key, before a stage does any work.
-
-A variant's settings are `train` with `experiments.<variant>` merged over it
-(dicts merge key by key; `null` removes an augmentation).
+Types and ranges, no defaults: `params.yaml` is the single source of every
+value, so a value is never silently taken from code. Loading and merging
+variants is `cxrlab.config.load`; the wording of errors is `cxrlab.config.errors`.
 """
 
 from __future__ import annotations
 
-import copy
-import difflib
-import os
 import re
-from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Union, get_args, get_origin
+from typing import Any, Literal, Optional, Union
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from cxrlab.errors import UserError
-
-PARAMS_FILE = "params.yaml"
-
-# torchvision classification backbones the model builder knows how to re-head.
-ARCHITECTURES = (
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "shufflenet_v2_x0_5",
-    "shufflenet_v2_x1_0",
-    "shufflenet_v2_x1_5",
-    "shufflenet_v2_x2_0",
-    "densenet121",
-    "efficientnet_b0",
-    "vit_b_16",
-)
+from cxrlab.config.errors import did_you_mean
+from cxrlab.model.architectures import ARCHITECTURES
 
 # torchvision.transforms.v2 classes usable as training augmentations: they
 # work on uint8 image tensors and keep the image size.
@@ -74,31 +47,6 @@ AUGMENTATIONS = (
     "RandomVerticalFlip",
     "TrivialAugmentWide",
 )
-
-# Names people type for our keys; used for "did you mean" only.
-_SYNONYMS = {
-    "learning_rate": "lr",
-    "wd": "weight_decay",
-    "bs": "batch_size",
-    "batchsize": "batch_size",
-    "n_epochs": "epochs",
-    "num_epochs": "epochs",
-    "model": "arch",
-    "architecture": "arch",
-    "backbone": "arch",
-    "augmentation": "augment",
-    "augmentations": "augment",
-    "l2": "l2_penalty",
-    "l2_lambda": "l2_penalty",
-    "drop_rate": "dropout",
-    "lr_scheduler": "scheduler",
-    "schedule": "scheduler",
-    "early_stopping": "patience",
-    "freeze_backbone": "freeze",
-    "hidden": "head_hidden",
-    "weights": "class_weights",
-}
-
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -222,7 +170,7 @@ class TrainParams(_Section):
     @classmethod
     def _known_arch(cls, arch: str) -> str:
         if arch not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {arch!r}{_did_you_mean(arch, ARCHITECTURES)}; "
+            raise ValueError(f"unknown architecture {arch!r}{did_you_mean(arch, ARCHITECTURES)}; "
                              f"choose one of {', '.join(ARCHITECTURES)}")
         return arch
 
@@ -275,7 +223,7 @@ class TrainParams(_Section):
     def _known_augmentations(cls, augment: dict) -> dict:
         for name in augment:
             if name not in AUGMENTATIONS:
-                raise ValueError(f"unknown augmentation {name!r}{_did_you_mean(name, AUGMENTATIONS)}; "
+                raise ValueError(f"unknown augmentation {name!r}{did_you_mean(name, AUGMENTATIONS)}; "
                                  f"use a torchvision.transforms.v2 name: {', '.join(AUGMENTATIONS)}")
         return augment
 
@@ -364,160 +312,3 @@ class _ParamsFile(_Section):
         return self
 
 
-class Params:
-    """Validated params: one section object per section of params.yaml, and one `TrainParams` per variant."""
-
-    def __init__(self, raw: Mapping[str, Any], parsed: _ParamsFile, variants: dict[str, TrainParams]):
-        self.raw = raw
-        self.data = parsed.data
-        self.evaluate = parsed.evaluate
-        self.stats = parsed.stats
-        self.compare = parsed.compare
-        self.ensembles = parsed.ensembles
-        self.explain = parsed.explain
-        self.variants = variants
-        self.train = _validate_train(dict(parsed.train), "train")
-
-    def variant(self, name: str) -> TrainParams:
-        """The settings of one variant; an unknown name is a `UserError`."""
-        return _lookup("variant", "experiments", name, self.variants)
-
-    def ensemble(self, name: str) -> EnsembleParams:
-        """The settings of one ensemble; an unknown name is a `UserError`."""
-        return _lookup("ensemble", "ensembles", name, self.ensembles)
-
-
-def _lookup(kind: str, section: str, name: str, table: Mapping[str, Any]):
-    if name not in table:
-        raise UserError(f"unknown {kind} {name!r}{_did_you_mean(name, table)}; "
-                        f"params.yaml defines {section}: {', '.join(table) or 'none'}")
-    return table[name]
-
-
-def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """`base` with `override` merged over it, key by key for nested dicts."""
-    merged = copy.deepcopy(dict(base))
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-def load_params(path: str | os.PathLike = PARAMS_FILE) -> Params:
-    """Read and validate `params.yaml`; every problem is reported in one `UserError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} not found; run the stage from the repository root")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"{path} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path} must be a mapping of sections (data, train, experiments, evaluate)")
-    try:
-        parsed = _ParamsFile.model_validate(raw)
-    except ValidationError as err:
-        raise UserError(_describe(err, path, _ParamsFile)) from None
-
-    problems: list[str] = []
-    variants: dict[str, TrainParams] = {}
-    try:
-        _validate_train(dict(parsed.train), "train")
-    except UserError as err:
-        problems.append(str(err))
-    for name, override in parsed.experiments.items():
-        override = override or {}
-        if not isinstance(override, dict):
-            problems.append(f"{path}: experiments.{name} must be a mapping of train keys to values")
-            continue
-        try:
-            variants[name] = _validate_train(deep_merge(parsed.train, override), "train",
-                                             override=override, variant=name)
-        except UserError as err:
-            problems.append(str(err))
-    problems += _ensemble_problems(parsed, path)
-    for name, cfg in variants.items():
-        if isinstance(cfg.class_weights, dict) and set(cfg.class_weights) != set(parsed.data.classes):
-            problems.append(f"{path}: class_weights of variant {name} must give a weight to each of the classes "
-                            f"{list(parsed.data.classes)} (got {list(cfg.class_weights)})")
-    if problems:
-        raise UserError("\n".join(dict.fromkeys(problems)))
-    return Params(raw, parsed, variants)
-
-
-def _ensemble_problems(parsed: _ParamsFile, path: Path) -> list[str]:
-    """An ensemble's members must be variants, and its name must not be one: both write metrics/evaluate/<name>/."""
-    problems = []
-    for name, ensemble in parsed.ensembles.items():
-        if name in parsed.experiments:
-            problems.append(f"{path}: ensembles.{name}: {name!r} is also an experiment and both would write "
-                            f"metrics/evaluate/{name}/; rename the ensemble")
-        for member in ensemble.members:
-            if member not in parsed.experiments:
-                problems.append(f"{path}: ensembles.{name}.members: unknown variant {member!r}"
-                                f"{_did_you_mean(member, parsed.experiments)}; params.yaml defines experiments: "
-                                f"{', '.join(parsed.experiments)}")
-    return problems
-
-
-def _validate_train(values: dict[str, Any], section: str, override: Mapping[str, Any] | None = None,
-                    variant: str | None = None) -> TrainParams:
-    try:
-        return TrainParams.model_validate(values)
-    except ValidationError as err:
-        def where(loc: tuple) -> str:
-            if override is not None and loc and loc[0] in override:
-                return f"experiments.{variant}"
-            return section
-        raise UserError(_describe(err, Path(PARAMS_FILE), TrainParams, where)) from None
-
-
-def _describe(err: ValidationError, path: Path, model: type[BaseModel], where=None) -> str:
-    """One line per problem: `params.yaml: train.lr: must be > 0 (got -1)`."""
-    lines = []
-    for problem in err.errors():
-        loc = tuple(problem["loc"])
-        prefix = where(loc) if where else None
-        key = ".".join(str(part) for part in ((prefix,) if prefix else ()) + loc)
-        kind = problem["type"]
-        if kind == "extra_forbidden":
-            known = _fields_at(model, loc[:-1])
-            msg = f"unknown key{_did_you_mean(str(loc[-1]), known)}"
-        elif kind == "missing":
-            msg = "is missing; add it (README.md lists every key)"
-        else:
-            text = problem["msg"].removeprefix("Value error, ")
-            msg = f"{text} (got {problem.get('input')!r})"
-        lines.append(f"{path}: {key}: {msg}")
-    return "\n".join(lines)
-
-
-def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
-    """Field names of the (sub)model found by following `loc` from `model`
-    (through a name -> section mapping such as `ensembles.<name>`)."""
-    parts = iter(loc)
-    for part in parts:
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if get_origin(annotation) is dict:
-            annotation = get_args(annotation)[1]
-            next(parts, None)  # the mapping's key: a name of the user's
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-        else:
-            return []
-    return list(model.model_fields)
-
-
-def _did_you_mean(word: str, choices) -> str:
-    choices = list(choices)
-    synonym = _SYNONYMS.get(word.lower())
-    if synonym is None:
-        close_synonyms = difflib.get_close_matches(word.lower(), _SYNONYMS, n=1, cutoff=0.8)
-        synonym = _SYNONYMS[close_synonyms[0]] if close_synonyms else None
-    if synonym in choices:
-        return f" (did you mean {synonym!r}?)"
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from cxrlab import paths
-from cxrlab.config.schema import Params
+from cxrlab.config.load import Params
 from cxrlab.errors import UserError
 from cxrlab.evaluation import stats
 from cxrlab.io.fsio import write_json, write_text

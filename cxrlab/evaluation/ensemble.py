@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from cxrlab import paths
-from cxrlab.config.schema import Params
+from cxrlab.config.load import Params
 from cxrlab.data.datasets import eval_batch_size, prepared_image_size
 from cxrlab.evaluation.evaluate import (
     CHECKPOINTS,

@@ -34,7 +34,7 @@ from dvclive import Live
 from torch.utils.data import DataLoader
 
 from cxrlab import paths
-from cxrlab.config.schema import Params
+from cxrlab.config.load import Params
 from cxrlab.data.datasets import (
     ImageArrayDataset,
     LoaderSettings,

@@ -14,6 +14,7 @@ command, the explain stage and the web page all explain the positive class
 from __future__ import annotations
 
 import math
+import re
 
 import matplotlib
 import numpy as np
@@ -23,21 +24,15 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from cxrlab.data.datasets import to_model_input
+from cxrlab.model.architectures import family
 
 
 def target_layer(model: nn.Module, arch: str) -> nn.Module:
-    """The layer whose activations and gradients Grad-CAM weighs, for `arch`."""
-    if arch.startswith("resnet"):
-        return model.layer4[-1]
-    if arch.startswith("shufflenet_v2"):
-        return model.conv5
-    if arch.startswith("densenet"):
-        return model.features.norm5
-    if arch.startswith("efficientnet"):
-        return model.features[-1]
-    if arch.startswith("vit"):
-        return model.encoder.layers[-1].ln_1
-    raise ValueError(f"no Grad-CAM target layer known for architecture {arch!r}")
+    """The layer whose activations and gradients Grad-CAM weighs, for `arch` (the backbone table's `cam_layer`)."""
+    layer = model
+    for part in re.findall(r"\w+|\[-?\d+\]", family(arch).cam_layer):
+        layer = layer[int(part[1:-1])] if part.startswith("[") else getattr(layer, part)
+    return layer
 
 
 def vit_tokens_to_grid(tokens: torch.Tensor) -> torch.Tensor:

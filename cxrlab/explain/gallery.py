@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cxrlab import paths  # noqa: E402
-from cxrlab.config.schema import Params
+from cxrlab.config.load import Params
 from cxrlab.data.datasets import eval_batch_size, load_split, prepared_image_size  # noqa: E402
 from cxrlab.errors import UserError  # noqa: E402
 from cxrlab.evaluation.evaluate import load_for_test  # noqa: E402

@@ -29,25 +29,13 @@ from torchvision.models.vision_transformer import interpolate_embeddings
 
 from cxrlab.errors import UserError
 from cxrlab.io.fsio import atomic_file
+from cxrlab.model.architectures import family, family_name
 
 CHECKPOINT_FORMAT = "tb-cxr-classifier/1"
 
-# Where each family's classification head lives.
-HEADS = {"resnet": "fc", "shufflenet_v2": "fc", "densenet": "classifier",
-         "efficientnet": "classifier.1", "vit": "heads.head"}
-
-
-def family(arch: str) -> str:
-    """`resnet50` -> `resnet`, `shufflenet_v2_x1_0` -> `shufflenet_v2`, `vit_b_16` -> `vit`."""
-    for name in sorted(HEADS, key=len, reverse=True):
-        if arch.startswith(name):
-            return name
-    raise ValueError(f"no known head for architecture {arch!r}")
-
-
 def head_name(arch: str, keep_imagenet_head: bool = False) -> str:
     """Dotted name of the module that `build_model` puts in (the trainable head)."""
-    name = HEADS[family(arch)]
+    name = family(arch).head
     return f"{name}.1" if keep_imagenet_head else name
 
 
@@ -75,12 +63,13 @@ def build_model(arch: str, num_classes: int, dropout: float = 0.0, pretrained: b
     weights when `pretrained`) and stacks the new head on it.
     """
     kwargs = {}
-    if family(arch) == "vit":
-        if image_size % 16:
-            raise UserError(f"{arch} needs an image size divisible by 16; set data.image_size "
-                            f"to e.g. {max(16, image_size // 16 * 16)} (got {image_size})")
+    patch = family(arch).patch
+    if patch > 1:
+        if image_size % patch:
+            raise UserError(f"{arch} needs an image size divisible by {patch}; set data.image_size "
+                            f"to e.g. {max(patch, image_size // patch * patch)} (got {image_size})")
         kwargs["image_size"] = image_size
-    name = HEADS[family(arch)]
+    name = family(arch).head
     if not (pretrained or keep_imagenet_head or head_hidden):
         # from scratch with a plain head: the family's own head (and its initialisation)
         model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
@@ -104,7 +93,7 @@ def _pretrained(arch: str, image_size: int) -> nn.Module:
     """The ImageNet model; a ViT's position embeddings interpolated to `image_size`."""
     weights = _imagenet_weights(arch)
     model = torchvision.models.get_model(arch, weights=weights)
-    if family(arch) == "vit" and image_size != model.image_size:
+    if family_name(arch) == "vit" and image_size != model.image_size:
         state = interpolate_embeddings(image_size, model.patch_size, model.state_dict())
         model = torchvision.models.get_model(arch, weights=None, image_size=image_size)
         model.load_state_dict(state)

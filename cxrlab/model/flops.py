@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from cxrlab import paths
-from cxrlab.config.schema import Params, TrainParams
+from cxrlab.config.load import Params
+from cxrlab.config.schema import TrainParams
 from cxrlab.io.fsio import write_json
 from cxrlab.model.backbones import build_model, count_parameters
 

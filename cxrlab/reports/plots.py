@@ -25,7 +25,7 @@ import numpy as np
 from sklearn.metrics import roc_curve
 
 from cxrlab import paths
-from cxrlab.config.schema import Params
+from cxrlab.config.load import Params
 from cxrlab.errors import UserError
 from cxrlab.io.fsio import atomic_dir, read_json
 from cxrlab.io.records import read_rows

@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from cxrlab import paths
-from cxrlab.config.schema import load_params
+from cxrlab.config.load import load_params
 from cxrlab.data.images import IMAGE_SUFFIXES, is_image_name, load_rgb, natural_key
 from cxrlab.errors import UserError
 from cxrlab.explain import cam

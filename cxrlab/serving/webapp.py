@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from cxrlab import paths
-from cxrlab.config.schema import Params
+from cxrlab.config.load import Params
 from cxrlab.io.fsio import read_json
 
 PAGE = Path(__file__).resolve().parents[2] / "app" / "page.py"

@@ -45,7 +45,8 @@ import torch
 from dvclive import Live
 
 from cxrlab import paths
-from cxrlab.config.schema import DataParams, Params, TrainParams
+from cxrlab.config.load import Params
+from cxrlab.config.schema import DataParams, TrainParams
 from cxrlab.data.datasets import (
     ImageArrayDataset,
     LoaderSettings,
