@@ -183,8 +183,8 @@ def train_count(n_images: int, test_fraction: float) -> int:
 
 
 def _write_pngs(job: tuple) -> int:
-    """Write synthetic X-ray-like PNGs (tests.synthetic.make_image) named `names` into `folder`."""
-    from tests.synthetic import make_image
+    """Write synthetic X-ray-like PNGs (cxrlab.data.synthetic.make_image) named `names` into `folder`."""
+    from cxrlab.data.synthetic import make_image
 
     folder, names, size, seed, sick = job
     rng = np.random.default_rng(seed)
@@ -538,8 +538,8 @@ def measure_model(pipe: Pipeline, args, defaults: dict, log: Progress) -> dict:
 # ------------------------------------------------------------ 3. preparing the data, no-op repro
 def measure_noop_repro(root: Path, runs: int, log: Progress) -> dict:
     """A tiny project reproduced end to end in a git repository, then `dvc repro` with nothing to do."""
+    from cxrlab.data.synthetic import make_dataset
     from tests.conftest import TINY, copy_project, dvc, git_repo, set_params
-    from tests.synthetic import make_dataset
 
     source = make_dataset(root / "source", n_per_class=10, size=32)
     project = copy_project(root / "project")

@@ -107,7 +107,7 @@ def in_project(project, monkeypatch) -> Path:
 def prepared_project(root: Path, n_per_class: int = 20, **changes) -> Path:
     """A project copy in `root` whose data is downloaded, split and preprocessed
     (synthetic 32 px images, TINY settings plus `changes`), ready to train."""
-    from tests.synthetic import make_dataset
+    from cxrlab.data.synthetic import make_dataset
 
     source = make_dataset(root / "source", n_per_class=n_per_class, size=32)
     project = copy_project(root / "project")
@@ -160,7 +160,7 @@ def trained_project(tmp_path_factory) -> Path:
     """A tiny project (synthetic X-rays, TINY settings) in a git repository where
     `dvc repro` has trained and evaluated the baseline only. Shared by the
     tests of the prediction command, the explain stage and the web page."""
-    from tests.synthetic import make_dataset
+    from cxrlab.data.synthetic import make_dataset
 
     root = tmp_path_factory.mktemp("trained")
     source = make_dataset(root / "source", n_per_class=20, size=64)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from cxrlab.data.synthetic import make_dataset
 from cxrlab.errors import run_stage
 from cxrlab.io.fsio import atomic_file
 from tests.conftest import set_params, stage
-from tests.synthetic import make_dataset
 
 
 def assert_user_error(result, *fragments: str) -> None:

@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 
+from cxrlab.data.synthetic import make_dataset
 from tests.conftest import MINI, TINY, copy_project, dvc, git_repo, run, set_params
-from tests.synthetic import make_dataset
 
 VARIANTS = ["baseline", "regu_penalty", "dropout", "sharpness", "contrast"]
 ENSEMBLE = "all_variants"  # params.yaml's ensemble of the five

@@ -18,6 +18,7 @@ import yaml
 
 from cxrlab.cli import study
 from cxrlab.config import studies
+from cxrlab.data.synthetic import make_dataset
 from cxrlab.training import loop
 from stages import (
     compare,
@@ -32,7 +33,6 @@ from stages import (
     train,
 )
 from tests.conftest import copy_project, set_params, write_hub_weights
-from tests.synthetic import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = sorted(p.stem for p in (ROOT / "studies").glob("*.yaml"))

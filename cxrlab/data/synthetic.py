@@ -1,4 +1,4 @@
-"""Small generated chest-X-ray-like datasets for tests and benchmarks.
+"""Small generated chest-X-ray-like datasets: for the offline demo source, tests and benchmarks.
 
 Healthy images are smooth noise; TB images add a bright blob, so even a tiny
 model learns to separate them in a few epochs.
