@@ -9,8 +9,12 @@ bins, the paired comparisons and the FLOPs, and writes:
   confusion matrix, parameters, GFLOPs) with intervals, for the
   best-on-validation epoch, the last epoch and the study's own test-picked
   epoch; the operating point and calibration; the paired comparisons;
-- `plots/data/curves.csv` and `plots/data/roc.csv`: one row per variant and
-  point, drawn by the top-level `plots:` of dvc.yaml (colour = variant).
+- `plots/data/curves.csv`: one row per variant and epoch (the mean over
+  seeds), drawn by the top-level `plots:` of dvc.yaml (colour = variant),
+  since a variant's own DVCLive logs are per seed. The test ROC, precision-
+  recall and confusion matrix that DVC draws are DVCLive's files written by
+  the evaluate stage; `roc_curves.png` and `confusion_matrices.png` are for
+  reports, not declared as DVC plots (docs/plots.md).
 
 Ensembles appear after the variants wherever test results are shown; they
 have no training curves, single epoch, FLOPs or study protocol ("–").
@@ -254,8 +258,6 @@ def make_plots(params: Params) -> None:
             for epoch in sorted(by_epoch):
                 epochs_rows.append([v, epoch] + [by_epoch[epoch].get(c, "") for c in CURVE_COLUMNS.values()])
         write_csv(out / "data" / "curves.csv", ["variant", "epoch", *CURVE_COLUMNS.values()], epochs_rows)
-        write_csv(out / "data" / "roc.csv", ["variant", "fpr", "tpr"],
-                  [[v, f"{a:.6f}", f"{b:.6f}"] for v, (fpr, tpr, _) in rocs.items() for a, b in zip(fpr, tpr)])
     print(f"plots: figures, summary.md and plot data in {paths.PLOTS}/")
     print((paths.PLOTS / "summary.md").read_text())
 
