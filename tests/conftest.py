@@ -170,3 +170,33 @@ def trained_project(tmp_path_factory) -> Path:
     git_repo(project)
     dvc("repro", "evaluate@baseline", cwd=project)
     return project
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory) -> tuple[Path, str]:
+    """The whole pipeline (five variants, the ensemble; synthetic 48 px X-rays, TINY settings) after
+    `dvc repro` in a git repository: (project, DVC's output). Shared by the end-to-end and plots tests."""
+    from cxrlab.data.synthetic import make_dataset
+
+    root = tmp_path_factory.mktemp("e2e")
+    source = make_dataset(root / "source", n_per_class=30, size=48)
+    project = copy_project(root / "project")
+    # sharpness augments in a loader worker (the CPU default is none), for the determinism test
+    set_params(project / "params.yaml", {**TINY, "data.source": str(source), "experiments.sharpness.num_workers": 1})
+    git_repo(project)
+    result = dvc("repro", cwd=project)
+    return project, result.stdout + result.stderr
+
+
+EXPERIMENT = "+experiments.contrast.lr=0.003"  # '+' adds a key the variant does not set yet (Hydra's syntax)
+
+
+@pytest.fixture(scope="session")
+def experimented(reproduced) -> tuple[Path, str]:
+    """`reproduced` committed, then `dvc exp run -S EXPERIMENT` in its workspace: (project, DVC's output).
+    HEAD and the experiment are two revisions for `dvc metrics diff` and `dvc plots diff`."""
+    project, _ = reproduced
+    run(["git", "add", "-A"], cwd=project)
+    run(["git", "commit", "-qm", "reproduced"], cwd=project)
+    result = dvc("exp", "run", "-S", EXPERIMENT, cwd=project)
+    return project, result.stdout
