@@ -119,10 +119,10 @@ def summary_table(variants, evals, trains, flops, classes, positive, comparison_
     lines = [
         "# Results",
         "",
-        f"Test set: {n_test} images. F1, sensitivity and specificity are those of **{positive}**, at the "
+        (f"Test set: {n_test} images. F1, sensitivity and specificity are those of **{positive}**, at the "
         f"argmax (0.5) decision; {spread} (stratified bootstrap). Confusion matrices: rows are the true class "
         f"and columns the predicted class, both in the order {', '.join(classes)} (for two classes with the "
-        "second positive: [[TN FP] [FN TP]]).",
+        "second positive: [[TN FP] [FN TP]])."),
         "",
         "## Best epoch on validation (headline: no test-set leakage)",
         "",
@@ -152,9 +152,9 @@ def summary_table(variants, evals, trains, flops, classes, positive, comparison_
         tpp = op0["who_tpp"]
         lines += ["", f"## Operating point: threshold chosen on validation for sensitivity ≥ {op0['target_sensitivity']}",
                   "",
-                  f"WHO target product profile for a TB triage test: sensitivity ≥ {tpp['sensitivity']}, "
+                  (f"WHO target product profile for a TB triage test: sensitivity ≥ {tpp['sensitivity']}, "
                   f"specificity ≥ {tpp['specificity']}. 'met' compares the point estimates; 'met at CI low' the "
-                  "lower ends of the intervals. ECE: expected calibration error of the top-label confidence.",
+                  "lower ends of the intervals. ECE: expected calibration error of the top-label confidence."),
                   "",
                   "| variant | threshold | test sensitivity | test specificity | WHO TPP | ECE |",
                   "|---|---|---|---|---|---|"]
