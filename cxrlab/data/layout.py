@@ -68,7 +68,7 @@ def find_all_class_folders(root: Path) -> dict[str, Path]:
             raise UserError(
                 f"data.classes: auto finds {len(hits)} folders named {name!r} under {root}: "
                 f"{', '.join(str(h) for h in hits[:5])}. Name the class folders in data.classes, e.g. "
-                f"-S 'data.classes=[{str(hits[0])}, ...]'"
+                f"-S 'data.classes=[{hits[0]!s}, ...]'"
             )
     if len(by_name) < 2:
         raise UserError(
