@@ -61,7 +61,7 @@ def study_project(tmp_path: Path, name: str, n_per_class: int = 8, **changes) ->
     """A project copy with study `name` applied by its command, tiny settings, and generated data
     in a folder per class of the study."""
     project = copy_project(tmp_path / "project")
-    (project / "studies").mkdir()
+    (project / "studies").mkdir(exist_ok=True)  # copy_project copies studies/ too
     (project / "studies" / f"{name}.yaml").write_text((ROOT / "studies" / f"{name}.yaml").read_text())
     import os
     cwd = os.getcwd()
@@ -127,7 +127,7 @@ def test_the_study_command_lists_applies_and_validates(tmp_path, monkeypatch, ca
     assert "# Every knob of the pipeline" in studies.apply({"train": {"lr": 0.1}}, original)  # comments stay
 
     project = copy_project(tmp_path / "p")
-    (project / "studies").mkdir()
+    (project / "studies").mkdir(exist_ok=True)  # copy_project copies studies/ too
     (project / "studies" / "broken.yaml").write_text("train:\n  scheduler: cosinus\n")
     monkeypatch.chdir(project)
     with pytest.raises(Exception, match="(?s)study broken does not give valid params.*train.scheduler"):

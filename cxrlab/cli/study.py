@@ -14,12 +14,14 @@ included, as it was. The result is validated before params.yaml is written;
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
 from cxrlab.config.load import PARAMS_FILE, load_params
-from cxrlab.config.studies import STUDIES, apply, available, read_study
+from cxrlab.config.studies import apply, available, description, read_study
 from cxrlab.errors import UserError, run_stage
 from cxrlab.io.fsio import atomic_file
 
@@ -27,12 +29,13 @@ from cxrlab.io.fsio import atomic_file
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", nargs="?", help="a file of studies/ without .yaml")
-    parser.add_argument("--list", action="store_true", help="list the studies and their first comment line")
+    parser.add_argument("--list", action="store_true", help="list the studies with their descriptions")
     args = parser.parse_args(argv)
     if args.list or not args.name:
+        width = max(60, shutil.get_terminal_size().columns - 25)
         for name in available():
-            first = (STUDIES / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
-            print(f"{name:24s} {first}")
+            lines = textwrap.wrap(description(name), width) or [""]
+            print(f"{name:24s} {lines[0]}", *(f"{'':24s} {line}" for line in lines[1:]), sep="\n")
         return
 
     overlay = read_study(args.name)

@@ -96,10 +96,11 @@ def load_params(path: str | os.PathLike = PARAMS_FILE) -> Params:
         except UserError as err:
             problems.append(str(err))
     problems += _ensemble_problems(parsed, path)
+    names = parsed.data.class_names  # None with classes: auto; the train stage checks against the split's
     for name, cfg in variants.items():
-        if isinstance(cfg.class_weights, dict) and set(cfg.class_weights) != set(parsed.data.classes):
+        if names and isinstance(cfg.class_weights, dict) and set(cfg.class_weights) != set(names):
             problems.append(f"{path}: class_weights of variant {name} must give a weight to each of the classes "
-                            f"{list(parsed.data.classes)} (got {list(cfg.class_weights)})")
+                            f"{names} (got {list(cfg.class_weights)})")
     if problems:
         raise UserError("\n".join(dict.fromkeys(problems)))
     return Params(raw, parsed, variants)

@@ -8,6 +8,7 @@ variants is `cxrlab.config.load`; the wording of errors is `cxrlab.config.errors
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from pydantic import (
@@ -63,7 +64,9 @@ def _count_or_auto(value: Union[int, str], info: ValidationInfo) -> Union[int, s
 class DataParams(_Section):
     source: str = Field(min_length=1)
     sha256: Optional[str] = Field(pattern=r"^[0-9a-fA-F]{64}$")
-    classes: dict[str, str] = Field(min_length=2)
+    # {class: folder}, [folder, ...] (class name = folder name) or 'auto' (every class folder found,
+    # in natural order); a list or 'auto' is resolved by the split stage (see `class_spec`).
+    classes: Union[dict[str, str], list[str], Literal["auto"]]
     positive_class: str
     max_per_class: Optional[int] = Field(gt=0)
     test_fraction: float = Field(gt=0, lt=1)
@@ -76,11 +79,18 @@ class DataParams(_Section):
 
     @field_validator("classes")
     @classmethod
-    def _folders_distinct(cls, classes: dict[str, str]) -> dict[str, str]:
-        for name, folder in classes.items():
+    def _folders_distinct(cls, classes: Union[dict[str, str], list[str], str]):
+        if classes == "auto":
+            return classes
+        if len(classes) < 2:
+            raise ValueError("name at least two classes, or use auto")
+        if isinstance(classes, list) and len({Path(str(f).strip("/")).name for f in classes}) != len(classes):
+            raise ValueError("two folders of the list have the same name; use {class: folder} to name them")
+        spec = classes if isinstance(classes, dict) else {str(f).strip("/"): f for f in classes}
+        for name, folder in spec.items():
             if not str(folder).strip("/"):
                 raise ValueError(f"class {name!r} has an empty folder name")
-        folders = [f.strip("/") for f in classes.values()]
+        folders = [f.strip("/") for f in spec.values()]
         if len(set(folders)) != len(folders):
             raise ValueError("two classes point at the same folder")
         return classes
@@ -94,16 +104,27 @@ class DataParams(_Section):
 
     @model_validator(mode="after")
     def _positive_is_a_class(self) -> "DataParams":
-        if self.positive_class not in self.classes:
+        names = self.class_names
+        if names is not None and self.positive_class not in names:
             raise ValueError(
-                f"positive_class {self.positive_class!r} is not one of the classes "
-                f"{list(self.classes)}"
+                f"positive_class {self.positive_class!r} is not one of the classes {names}"
             )
         return self
 
     @property
-    def class_names(self) -> list[str]:
-        return list(self.classes)
+    def class_spec(self) -> Union[dict[str, str], Literal["auto"]]:
+        """{class: folder spec}, or 'auto' (the split stage finds the folders)."""
+        if self.classes == "auto":
+            return "auto"
+        if isinstance(self.classes, list):
+            return {Path(f.strip("/")).name: f for f in self.classes}
+        return dict(self.classes)
+
+    @property
+    def class_names(self) -> Optional[list[str]]:
+        """The class names in label order, or None with `auto` (known only after the split stage)."""
+        spec = self.class_spec
+        return None if spec == "auto" else list(spec)
 
 
 _FREEZE = re.compile(r"none|head_only|up_to:[\w.]+")

@@ -45,3 +45,13 @@ def apply(overlay: dict, params_text: str) -> str:
     out = io.StringIO()
     rt.dump(doc, out)
     return out.getvalue()
+
+
+def description(name: str) -> str:
+    """The study's whole description: its leading comment lines, joined into one paragraph."""
+    lines = []
+    for line in (STUDIES / f"{name}.yaml").read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return " ".join(filter(None, lines))

@@ -20,8 +20,10 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from tqdm import tqdm
 
+from cxrlab.data import demo
 from cxrlab.errors import UserError
 from cxrlab.io.fsio import link_or_copy
+from cxrlab.io.repo import repo_path
 
 KAGGLE_URL = "https://www.kaggle.com"
 NETWORK_TIMEOUT_S = 15
@@ -34,7 +36,9 @@ LOCAL_SOURCE_HINT = (
 
 # ----------------------------------------------------------------- sources
 def source_kind(source: str) -> str:
-    """'kaggle', 'http' or 'local', from the form of `data.source`."""
+    """'demo', 'kaggle', 'http' or 'local', from the form of `data.source`."""
+    if source == demo.SOURCE:
+        return "demo"
     if source.startswith("kaggle:"):
         return "kaggle"
     if source.startswith(("http://", "https://")):
@@ -45,6 +49,8 @@ def source_kind(source: str) -> str:
 def fetch(source: str, target: Path, sha256: str | None, downloads: Path) -> str:
     """Fill the empty folder `target` from `source`; return a one-line description."""
     kind = source_kind(source)
+    if kind == "demo":
+        return demo.make_demo(target)
     if kind == "kaggle":
         return fetch_kaggle(source.removeprefix("kaggle:"), target)
     if kind == "http":
@@ -53,7 +59,7 @@ def fetch(source: str, target: Path, sha256: str | None, downloads: Path) -> str
         if sha256 is None:
             archive.unlink(missing_ok=True)  # nothing to verify a re-use against
         return f"{source} -> {count_files(target)} files"
-    return fetch_local(Path(os.path.expanduser(source)), target, sha256)
+    return fetch_local(repo_path(Path(os.path.expanduser(source))), target, sha256)
 
 
 def fetch_local(path: Path, target: Path, sha256: str | None) -> str:

@@ -1,9 +1,13 @@
 """Finding each class's folder under the download and listing its images.
 
-A class folder is found by name anywhere under the downloaded root
-(`data.classes.TB: tb` finds `TBX11K/imgs/tb`), or by a longer path suffix
-when the name alone is ambiguous (`imgs/tb`). Only files directly inside the
-folder count; non-image files are skipped and counted.
+`data.classes` names the folders three ways. `{class: folder}`: a class
+folder is found by name anywhere under the downloaded root
+(`{Healthy: health}` finds `TBX11K/imgs/health`), or by a longer path suffix
+when the name alone is ambiguous (`imgs/health`). `[folder, ...]`: the same,
+and the class is called after its folder. `auto`: every folder that directly
+holds images is a class, called after the folder, in natural order (so any
+folder-per-class dataset works without naming its classes). Only files
+directly inside the folder count; non-image files are skipped and counted.
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ class ClassFolder:
     ignored: list[str] = field(default_factory=list)  # non-image files
 
 
-def find_class_folders(root: Path, classes: dict[str, str]) -> dict[str, Path]:
-    """Map each class name to the one folder under `root` that matches its spec."""
+def find_class_folders(root: Path, classes: dict[str, str] | str) -> dict[str, Path]:
+    """Map each class name to the one folder under `root` that matches its spec
+    (`classes` is {class: folder spec}, or 'auto')."""
+    if classes == "auto":
+        return find_all_class_folders(root)
     folders = [Path(d).relative_to(root) for d, dirs, _ in _walk(root)]
     found: dict[str, Path] = {}
     for name, spec in classes.items():
@@ -38,7 +45,7 @@ def find_class_folders(root: Path, classes: dict[str, str]) -> dict[str, Path]:
             raise UserError(
                 f"class {name!r}: no folder named {spec!r} under {root}. "
                 f"Folders there: {_preview(folders)}. "
-                f"Set data.classes.{name} to the folder holding its images"
+                f"Set data.classes.{name} to the folder holding its images (or data.classes: auto)"
             )
         if len(hits) > 1:
             raise UserError(
@@ -48,6 +55,29 @@ def find_class_folders(root: Path, classes: dict[str, str]) -> dict[str, Path]:
             )
         found[name] = root / hits[0]
     return found
+
+
+def find_all_class_folders(root: Path) -> dict[str, Path]:
+    """`data.classes: auto`: every folder directly holding images, named after it, in natural order."""
+    holding = [Path(d).relative_to(root) for d, _, files in _walk(root) if any(map(is_image_name, files))]
+    by_name: dict[str, list[Path]] = {}
+    for folder in holding:
+        by_name.setdefault(folder.name or root.name, []).append(folder)
+    for name, hits in by_name.items():
+        if len(hits) > 1:
+            raise UserError(
+                f"data.classes: auto finds {len(hits)} folders named {name!r} under {root}: "
+                f"{', '.join(str(h) for h in hits[:5])}. Name the class folders in data.classes, e.g. "
+                f"-S 'data.classes=[{hits[0]!s}, ...]'"
+            )
+    if len(by_name) < 2:
+        raise UserError(
+            f"data.classes: auto finds {len(by_name)} folder(s) holding images under {root} "
+            f"({_preview(holding)}); a classifier needs at least two class folders. "
+            "Point data.source at a folder with one subfolder per class"
+        )
+    names = sorted(by_name, key=lambda n: (natural_key(n), n))
+    return {name: root / by_name[name][0] for name in names}
 
 
 def list_class(name: str, label: int, folder: Path) -> ClassFolder:

@@ -113,7 +113,10 @@ def split_dataset(data: DataParams) -> None:
     if not paths.RAW.is_dir():
         raise UserError(f"{paths.RAW} does not exist; run the download stage first (dvc repro download)")
 
-    folders = find_class_folders(paths.RAW, data.classes)
+    folders = find_class_folders(paths.RAW, data.class_spec)
+    if data.positive_class not in folders:  # with classes: auto, the first chance to check it
+        raise UserError(f"data.positive_class {data.positive_class!r} is not one of the classes "
+                        f"{list(folders)} found under {paths.RAW}; set data.positive_class to one of them")
     classes = [list_class(name, label, folder) for label, (name, folder) in enumerate(folders.items())]
     bad = drop_bad_images(classes, data.on_bad_image, data.max_per_class)
     test_rows, train_rows = [], []

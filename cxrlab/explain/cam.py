@@ -8,7 +8,7 @@ no feature map: its last encoder block outputs one token per 16 x 16 patch
 
 The heatmap says which regions raised the score of one class; the prediction
 command, the explain stage and the web page all explain the positive class
-(TB) of a binary task, so a heatmap means the same in each.
+(`data.positive_class`) of a binary task, so a heatmap means the same in each.
 """
 
 from __future__ import annotations

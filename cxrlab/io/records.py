@@ -22,3 +22,9 @@ def write_rows(csv_path: Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def split_classes(csv_path: Path) -> list[str]:
+    """The class names in label order, as the split stage resolved `data.classes` (a list or `auto` included)."""
+    names = {int(r["label"]): r["class"] for r in read_rows(csv_path)}
+    return [names[i] for i in sorted(names)]

@@ -19,6 +19,7 @@ from cxrlab import paths
 from cxrlab.config.load import Params
 from cxrlab.config.schema import TrainParams
 from cxrlab.io.fsio import write_json
+from cxrlab.io.records import split_classes
 from cxrlab.model.backbones import build_model, count_parameters
 
 
@@ -43,7 +44,8 @@ def count_model(cfg: TrainParams, num_classes: int, image_size: int) -> dict:
 
 
 def count_variants(params: Params) -> None:
-    size, k = params.data.image_size, len(params.data.classes)
+    # The split's classes, not params.yaml's: `data.classes: auto` is only resolved there.
+    size, k = params.data.image_size, len(split_classes(paths.TRAIN_CSV))
     report = {
         "units": (f"per image at 3x{size}x{size}, batch 1, counted by thop.profile: "
                   "macs = multiply-accumulates, flops = 2 x macs, parameters = all weights"),

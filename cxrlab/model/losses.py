@@ -32,6 +32,9 @@ def class_weights(spec: Union[None, str, Mapping[str, float]], labels: np.ndarra
                             f"there are none of {missing}")
         weights = compute_class_weight("balanced", classes=np.arange(len(classes)), y=labels)
     else:
+        if set(spec) != set(classes):  # params.yaml names the classes only without classes: auto
+            raise UserError(f"train.class_weights must give a weight to each of the classes {classes} "
+                            f"(got {list(spec)})")
         weights = [spec[c] for c in classes]
     return torch.tensor(weights, dtype=torch.float32)
 

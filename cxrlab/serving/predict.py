@@ -56,7 +56,8 @@ class Predictor:
 
     def probabilities(self, images: np.ndarray, batch_size: int = BATCH_SIZE) -> np.ndarray:
         """Class probabilities (N x k) of uint8 images (N, 3, size, size), through `engine.predict`."""
-        batches = [(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])),
+        # np.array copies: `images` may be a read-only memory map, which torch.from_numpy warns about
+        batches = [(torch.from_numpy(np.array(images[i:i + batch_size])),
                     torch.zeros(len(images[i:i + batch_size]), dtype=torch.int64))
                    for i in range(0, len(images), batch_size)]
         return predict(self.model, batches, self.rt, self.ckpt["mean"], self.ckpt["std"])[0]

@@ -32,7 +32,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=rt.device)
     seen = 0
     steps = len(loader)
-    start = time.perf_counter()
+    start = shown = time.perf_counter()
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not rt.is_main, mininterval=1)
     optimizer.zero_grad(set_to_none=True)
     for step, (images, labels) in enumerate(bar):
@@ -59,9 +59,11 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             confusion += torch.bincount(y * num_classes + pred, minlength=num_classes ** 2).view(
                 num_classes, num_classes)
         seen += len(y)
-        if rt.is_main and step % 10 == 0:
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen * rt.world_size / max(elapsed, 1e-9):.0f}")
+        if rt.is_main and (time.perf_counter() - shown >= 1 or step + 1 == steps):
+            # the mean over the epoch so far (this process's batches), not one batch's noisy value
+            shown = time.perf_counter()
+            bar.set_postfix(mean_loss=f"{loss_sum.item() / seen:.4f}",
+                            img_s=f"{seen * rt.world_size / max(shown - start, 1e-9):.0f}", refresh=False)
     bar.close()
     if rt.device.type == "cuda":
         torch.cuda.synchronize(rt.device)
