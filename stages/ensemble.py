@@ -32,6 +32,7 @@ from stages import paths
 from stages.config import load_params
 from stages.datasets import eval_batch_size, prepared_image_size
 from stages.errors import run_stage
+from stages.fsio import check_writable
 from stages.evaluate import CHECKPOINTS, ByRun, predict_checkpoint, report_and_write, runtime, scoring_data
 
 # Weight of the soft mean in a hard vote: breaks ties (and ranks them for ROC) without outweighing a vote.
@@ -54,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params()
     spec = params.ensemble(args.ensemble)
+    check_writable(paths.eval_dir(args.ensemble) / "metrics.json")
     rt = runtime(params)
     test, y_val, loaders = scoring_data(eval_batch_size(params.evaluate.batch_size, rt.device), rt)
     image_size = prepared_image_size()

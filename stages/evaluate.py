@@ -40,7 +40,7 @@ from stages.datasets import (ImageArrayDataset, LoaderSettings, Split, eval_batc
                              prepared_image_size)
 from stages.engine import predict
 from stages.errors import UserError, run_stage
-from stages.fsio import atomic_file, write_json
+from stages.fsio import atomic_file, check_writable, write_json
 from stages.models import load_checkpoint, model_from_checkpoint
 from stages.runtime import Runtime, setup
 from stages.scoring import seed_report, seeds_report
@@ -104,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params()
     seeds = params.variant(args.variant).seeds
+    check_writable(paths.eval_dir(args.variant) / "metrics.json")
     rt = runtime(params)
     test, y_val, loaders = scoring_data(eval_batch_size(params.evaluate.batch_size, rt.device), rt)
     image_size = prepared_image_size()

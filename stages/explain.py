@@ -32,7 +32,7 @@ from stages.config import load_params  # noqa: E402
 from stages.datasets import eval_batch_size, load_split, prepared_image_size  # noqa: E402
 from stages.errors import UserError, run_stage  # noqa: E402
 from stages.evaluate import load_for_test  # noqa: E402
-from stages.fsio import atomic_file  # noqa: E402
+from stages.fsio import atomic_file, check_writable  # noqa: E402
 from stages.predict import make_predictor, operating_threshold  # noqa: E402
 
 # (name, truly positive, decided positive, most telling first: highest p(positive)?)
@@ -87,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     seed = params.variant(args.variant).seeds[0]
     which, per_group = params.explain.checkpoint, params.explain.per_group
     positive_class = params.data.positive_class
+    check_writable(paths.explain_dir(args.variant) / "gallery.png")
 
     test = load_split("test")
     if not len(test):

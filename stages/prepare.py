@@ -14,13 +14,14 @@ from tqdm import tqdm
 from stages import paths
 from stages.config import load_params
 from stages.errors import UserError, run_stage
-from stages.fsio import atomic_dir, link_or_copy
+from stages.fsio import atomic_dir, check_writable, link_or_copy
 from stages.records import read_rows
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     argparse.ArgumentParser(description=__doc__).parse_args(argv)
     load_params()  # fail on a wrong params.yaml before any work
+    check_writable(paths.DATASET)
     splits = {"train": read_rows(paths.TRAIN_CSV), "test": read_rows(paths.TEST_CSV)}
     with atomic_dir(paths.DATASET) as tmp:
         for split, rows in splits.items():

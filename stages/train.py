@@ -63,7 +63,7 @@ from stages.datasets import (
 from stages.engine import confusion_summary, predict, train_one_epoch
 from stages.errors import UserError, run_stage
 from stages.freezing import apply_freeze, phase_at, phases
-from stages.fsio import atomic_dir, remove, write_json
+from stages.fsio import atomic_dir, check_writable, remove, write_json
 from stages.losses import StudyLoss, class_weights
 from stages.metrics import classification_metrics
 from stages.models import build_model, checkpoint_meta, count_parameters, load_checkpoint, save_checkpoint
@@ -111,6 +111,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     params = load_params()
     cfg = params.variant(args.variant)
+    check_writable(paths.train_dir(args.variant) / "metrics.json",  # before hours of training, not after
+                   *(out for seed in cfg.seeds for out in (paths.checkpoint(args.variant, seed, "best").parent,
+                                                           paths.train_log(args.variant, seed),
+                                                           paths.train_state(args.variant, seed))))
     train_split, test_split = load_split("train"), load_split("test")
     launch = torchrun_command(cfg.processes, cfg.nodes, cfg.rendezvous, "stages.train", [args.variant])
     if launch:
