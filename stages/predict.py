@@ -10,8 +10,10 @@ image gets the probabilities evaluate reported for it. With `--variant`,
 the best checkpoint of a binary task is decided at the operating threshold
 evaluate chose on validation (`metrics/evaluate/<variant>/metrics.json`); a
 last checkpoint, a `--checkpoint` or a task without one is decided by the
-highest probability. Unreadable files are reported and skipped. The table
-goes to stdout; `--out` also writes it as CSV or JSON.
+highest probability. Unreadable files, and images outside the size limits
+of params.yaml (`data.max_image_pixels`, `data.min_image_side`, so run it from
+the project root), are reported and skipped. The table goes to stdout;
+`--out` also writes it as CSV or JSON (checked to be writable first).
 """
 
 from __future__ import annotations
@@ -26,15 +28,14 @@ from typing import IO, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from stages import cam, paths
 from stages.config import load_params
 from stages.engine import predict
 from stages.errors import UserError, run_stage
-from stages.fsio import atomic_file, read_json
-from stages.images import IMAGE_SUFFIXES, is_image_name, load_rgb, natural_key
+from stages.fsio import atomic_file, check_writable, read_json
+from stages.images import IMAGE_SUFFIXES, ImageRefused, is_image_name, load_rgb, natural_key
 from stages.models import load_checkpoint, model_from_checkpoint
 from stages.runtime import Runtime, setup
 
@@ -154,19 +155,24 @@ def image_files(inputs: Sequence[str]) -> list[Path]:
     return files
 
 
-def decode(source: str | Path | IO[bytes], size: int) -> np.ndarray | str:
-    """The (3, size, size) uint8 image as the preprocess stage makes it, or why it is unreadable."""
+def decode(source: str | Path | IO[bytes], size: int, max_pixels: int, min_side: int) -> np.ndarray | str:
+    """The (3, size, size) uint8 image as the preprocess stage makes it, or why it cannot be used
+    (`max_pixels`, `min_side`: params.yaml's data.max_image_pixels and data.min_image_side)."""
     try:
-        return load_rgb(source, size)
-    except (OSError, ValueError, Image.DecompressionBombError) as err:  # not an image, truncated, too large
-        return str(err).replace(repr(source), "").replace(repr(str(source)), "").strip() or type(err).__name__
+        return load_rgb(source, size, max_pixels, min_side)
+    except ImageRefused as err:  # too large (a decompression bomb) or too small, by its header
+        return f"refused: {err}"
+    except (OSError, ValueError) as err:  # not an image, truncated
+        why = str(err).replace(repr(source), "").replace(repr(str(source)), "").strip() or type(err).__name__
+        return f"not a readable image ({why})"
 
 
-def decode_all(files: list[Path], size: int) -> tuple[np.ndarray, list[Path], list[tuple[Path, str]]]:
+def decode_all(files: list[Path], size: int, max_pixels: int,
+               min_side: int) -> tuple[np.ndarray, list[Path], list[tuple[Path, str]]]:
     """(images, their files, [(skipped file, why)])."""
     images, kept, skipped = [], [], []
     for path in files:
-        result = decode(path, size)
+        result = decode(path, size, max_pixels, min_side)
         if isinstance(result, str):
             skipped.append((path, result))
         else:
@@ -215,17 +221,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
     parser.add_argument("paths", nargs="+", help="image files or folders of images")
     args = parser.parse_args(argv)
-    if args.out is not None and args.out.suffix.lower() not in (".csv", ".json"):
-        raise UserError(f"--out {args.out}: write .csv or .json")
+    if args.out is not None:  # before any work: a wrong --out must not cost the predictions
+        if args.out.is_dir():
+            raise UserError(f"--out {args.out} is a folder; name a .csv or .json file, e.g. "
+                            f"{args.out / 'predictions.csv'}")
+        if args.out.suffix.lower() not in (".csv", ".json"):
+            raise UserError(f"--out {args.out}: write .csv or .json")
+        check_writable(args.out)
+    data = load_params().data
 
     if args.variant:
         predictor = variant_predictor(args.variant, args.seed, args.which, args.device)
     else:
         predictor = load_predictor(args.checkpoint, device=args.device)
     files = image_files(args.paths)
-    images, kept, skipped = decode_all(files, predictor.image_size)
+    images, kept, skipped = decode_all(files, predictor.image_size, data.max_image_pixels, data.min_image_side)
     for path, why in skipped:
-        print(f"skipped {path}: not a readable image ({why})", file=sys.stderr)
+        print(f"skipped {path}: {why}", file=sys.stderr)
     if not kept:
         raise UserError(f"none of the {len(files)} files could be read as an image (reasons above)")
 

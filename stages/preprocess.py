@@ -27,22 +27,23 @@ from tqdm import tqdm
 from stages import paths
 from stages.config import load_params
 from stages.errors import UserError, run_stage
-from stages.fsio import atomic_dir, write_json
+from stages.fsio import atomic_dir, check_writable, write_json
 from stages.images import load_rgb
 from stages.records import read_rows, write_rows
 
 
-def _decode(path: str, size: int) -> np.ndarray | str:
+def _decode(path: str, size: int, max_pixels: int, min_side: int) -> np.ndarray | str:
     try:
-        return load_rgb(path, size)
-    except (OSError, ValueError) as err:  # unreadable, truncated, not an image
+        return load_rgb(path, size, max_pixels, min_side)
+    except (OSError, ValueError) as err:  # unreadable, truncated, not an image, outside the size limits
         return f"{path}: {err}"
 
 
-def decode_all(files: list[Path], size: int, out: np.ndarray, workers: int, desc: str) -> None:
+def decode_all(files: list[Path], size: int, out: np.ndarray, workers: int, desc: str,
+               max_pixels: int, min_side: int) -> None:
     """Decode `files` into `out[i]` in parallel; every unreadable file is reported."""
     bad = []
-    decode = partial(_decode, size=size)
+    decode = partial(_decode, size=size, max_pixels=max_pixels, min_side=min_side)
     with ProcessPoolExecutor(max_workers=workers) as pool:
         results = pool.map(decode, map(str, files), chunksize=16)
         for i, result in enumerate(tqdm(results, total=len(files), desc=desc, unit="img", mininterval=2)):
@@ -66,7 +67,9 @@ def is_grayscale(array: np.ndarray, chunk: int = 256) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> None:
     argparse.ArgumentParser(description=__doc__).parse_args(argv)
-    size = load_params().data.image_size
+    data = load_params().data
+    size = data.image_size
+    check_writable(paths.PREPARED)
     splits = {"train": read_rows(paths.TRAIN_CSV), "test": read_rows(paths.TEST_CSV)}
     classes = {int(r["label"]): r["class"] for rows in splits.values() for r in rows}
     workers = max(1, min(os.cpu_count() or 1, 16))
@@ -76,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             files = [paths.DATASET / split / r["class"] / r["filename"] for r in rows]
             array = np.lib.format.open_memmap(tmp / f"{split}.rgb.npy", mode="w+", dtype=np.uint8,
                                               shape=(len(rows), 3, size, size))
-            decode_all(files, size, array, workers, f"preprocess {split}")
+            decode_all(files, size, array, workers, f"preprocess {split}", data.max_image_pixels,
+                       data.min_image_side)
             array.flush()
             gray = gray and is_grayscale(array)
             del array

@@ -25,7 +25,7 @@ import numpy as np
 from stages import paths
 from stages.config import load_params
 from stages.errors import UserError, run_stage
-from stages.fsio import atomic_dir, write_json
+from stages.fsio import atomic_dir, check_writable, write_json
 from stages.images import check_images
 from stages.layout import ClassFolder, find_class_folders, list_class
 from stages.records import write_rows
@@ -81,9 +81,11 @@ def _span(names: list[str]) -> dict:
     return {"count": len(names), "first": names[0], "last": names[-1]}
 
 
-def drop_bad_images(classes: list[ClassFolder], policy: str, max_per_class: int | None) -> dict[str, str]:
+def drop_bad_images(classes: list[ClassFolder], policy: str, max_per_class: int | None,
+                    max_pixels: int, min_side: int) -> dict[str, str]:
     """Decode every image that can reach the split; with `skip`, drop the bad ones
     (before the ID order is cut, so the next good image takes a bad one's place).
+    An image over `max_pixels` pixels or with a side under `min_side` is a bad one.
     Returns {path under data/raw: reason}; with `error`, any bad image is an error."""
     workers = max(1, min(os.cpu_count() or 1, 16))
     bad: dict[str, str] = {}
@@ -91,7 +93,7 @@ def drop_bad_images(classes: list[ClassFolder], policy: str, max_per_class: int 
         while True:  # with max_per_class, a dropped image lets the next one in: check it too
             wanted = cls.images[:max_per_class] if max_per_class else cls.images
             unchecked = [n for n in wanted if (cls.folder / n).relative_to(paths.RAW).as_posix() not in bad]
-            found = check_images([cls.folder / n for n in unchecked], workers)
+            found = check_images([cls.folder / n for n in unchecked], workers, max_pixels, min_side)
             if not found:
                 break
             for path, why in found.items():
@@ -115,10 +117,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     data = load_params().data
     if not paths.RAW.is_dir():
         raise UserError(f"{paths.RAW} does not exist; run the download stage first (dvc repro download)")
+    check_writable(paths.SPLIT, paths.SPLIT_REPORT)
 
     folders = find_class_folders(paths.RAW, data.classes)
     classes = [list_class(name, label, folder) for label, (name, folder) in enumerate(folders.items())]
-    bad = drop_bad_images(classes, data.on_bad_image, data.max_per_class)
+    bad = drop_bad_images(classes, data.on_bad_image, data.max_per_class, data.max_image_pixels,
+                          data.min_image_side)
     test_rows, train_rows = [], []
     report: dict = {"classes": {}, "ignored_files": 0, "bad_images": len(bad), "bad_image_files": bad}
     for cls in classes:
