@@ -372,8 +372,13 @@ def _member_path(name: str) -> PurePosixPath:
     return PurePosixPath(*PurePosixPath(name.replace("\\", "/")).parts)
 
 
+def _short(text: str, keep: int = 60) -> str:
+    """`text`, its middle elided when long (a hostile name may be thousands of characters)."""
+    return text if len(text) <= keep else f"{text[:keep // 2]}...{text[-keep // 2:]}"
+
+
 def _refuse(archive: Path, problems: list[tuple[str, str]]) -> None:
-    shown = ", ".join(f"{name!r} ({why})" for name, why in problems[:5])
+    shown = ", ".join(f"{_short(name)!r} ({_short(why, 100)})" for name, why in problems[:5])
     more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
     noun = "an unsafe entry" if len(problems) == 1 else f"{len(problems)} unsafe entries"
     raise UserError(f"archive {archive.name} has {noun}: {shown}{more}; nothing was extracted. A dataset of "

@@ -51,7 +51,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp_path, target)
     except OSError as err:
         tmp_path.unlink(missing_ok=True)
-        if err.errno in FULL and _inside(err.filename, tmp_path):  # name the output, not its temporary
+        if err.errno in FULL and _inside(err, tmp_path):  # name the output, not its temporary
             raise OSError(err.errno, os.strerror(err.errno), str(target)) from None
         raise
     except BaseException:
@@ -72,7 +72,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp_path, target)
     except OSError as err:
         shutil.rmtree(tmp_path, ignore_errors=True)
-        if err.errno in FULL and _inside(err.filename, tmp_path):
+        if err.errno in FULL and _inside(err, tmp_path):
             raise OSError(err.errno, os.strerror(err.errno), str(target)) from None
         raise
     except BaseException:
@@ -80,9 +80,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def _inside(filename, tmp: Path) -> bool:
-    """Whether an error's file is the temporary `tmp` or in it (or not known)."""
-    return filename is None or str(filename) == str(tmp) or str(filename).startswith(str(tmp) + os.sep)
+def _inside(err: OSError, tmp: Path) -> bool:
+    """Whether the error happened writing the temporary `tmp` or a file in it (or where is not known).
+    A copy's error names its source first (`shutil.copy2` sets filename to the source, filename2 to
+    the destination)."""
+    names = [str(n) for n in (err.filename, err.filename2) if n is not None]
+    return not names or any(n == str(tmp) or n.startswith(str(tmp) + os.sep) for n in names)
 
 
 def check_writable(*outputs: str | os.PathLike) -> None:
