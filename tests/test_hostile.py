@@ -546,3 +546,23 @@ def test_the_write_check_leaves_nothing_and_names_a_file_in_the_way(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
     with pytest.raises(UserError, match=r"cannot write .*/models/baseline/seed_1: .*/models is a file, not a folder"):
         check_writable(tmp_path / "models" / "baseline" / "seed_1")
+
+
+# --------------------------------------------------------------------- params
+@pytest.mark.parametrize("changes, expected", [
+    ({"data.max_unpacked_gb": 0}, "data.max_unpacked_gb: Input should be greater than 0"),
+    ({"data.max_image_pixels": 0}, "data.max_image_pixels: Input should be greater than or equal to 1"),
+    ({"data.min_image_side": 100, "data.max_image_pixels": 5000},
+     "min_image_side 100 allows no image within max_image_pixels 5000"),
+])
+def test_the_limits_are_validated_params(tmp_path, changes, expected):
+    from stages.config import load_params
+    from tests.conftest import ROOT
+
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    data = load_params(params).data
+    assert (data.max_unpacked_gb, data.max_image_pixels, data.min_image_side) == (100, 50_000_000, 32)
+    set_params(params, changes)
+    with pytest.raises(UserError, match=re.escape(expected)):
+        load_params(params)
