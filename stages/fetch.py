@@ -348,6 +348,9 @@ def extract_archive(archive: Path, target: Path, max_bytes: int) -> None:
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError) as err:
         raise UserError(f"archive {archive.name} is damaged ({type(err).__name__}: {err}); "
                         "nothing was kept. Download it again or check the source") from None
+    except NotImplementedError as err:  # a zip compression method this Python lacks
+        raise UserError(f"archive {archive.name}: {err}; nothing was kept. Repack it as a plain zip "
+                        "(deflate) or a tar") from None
     except OSError as err:
         if err.errno is not None:  # a system error (a full disk, permissions): not the archive's fault
             raise
