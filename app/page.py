@@ -2,7 +2,9 @@
 
 Start it with `python -m cxrlab.cli.page` from the project root. Uploads stay
 in memory (Streamlit's UploadedFile) and are decoded from there exactly as
-the prediction command decodes files; nothing is written to disk.
+the prediction command decodes files, within the same size limits
+(`data.max_image_pixels`, checked before decoding, and `data.min_image_side`);
+nothing is written to disk.
 """
 
 from __future__ import annotations
@@ -62,9 +64,10 @@ st.sidebar.markdown(f"`{predictor.path}`  \n{predictor.ckpt['arch']}, {predictor
 uploads = st.file_uploader("Chest X-rays", type=sorted(s.lstrip(".") for s in IMAGE_SUFFIXES),
                            accept_multiple_files=True)
 for upload in uploads or []:
-    result = decode(io.BytesIO(upload.getvalue()), predictor.image_size)
+    result = decode(io.BytesIO(upload.getvalue()), predictor.image_size, params.data.max_image_pixels,
+                    params.data.min_image_side)
     if isinstance(result, str):
-        st.error(f"{upload.name}: not a readable image ({result}). Upload a PNG, JPEG or TIFF X-ray.")
+        st.error(f"{upload.name}: {result}. Upload a PNG, JPEG or TIFF X-ray.")
     else:
         show_result(upload.name, result, predictor)
 

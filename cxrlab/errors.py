@@ -2,8 +2,9 @@
 
 A mistake the user can fix (a wrong param, a missing folder, no network) is
 raised as `UserError`: the stage prints one line naming the thing and the fix,
-exits with status 2 and shows no traceback. Anything else is a bug and keeps
-its traceback.
+exits with status 2 and shows no traceback. So do a full disk and a file or
+folder the stage may not write (read-only, wrong owner), naming the path.
+Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ def run_stage(main: Callable[[Sequence[str] | None], object], name: str) -> None
         print(f"error: {name}: {err}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except OSError as err:
+        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and err.filename:
+            print(f"error: {name}: {err.strerror}: {err.filename}; make it writable (or readable) and run "
+                  "again. Partial outputs were removed", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         where = f" writing {err.filename}" if err.filename else ""

@@ -14,13 +14,14 @@ from tqdm import tqdm
 from cxrlab import paths
 from cxrlab.config.load import load_params
 from cxrlab.errors import UserError, run_stage
-from cxrlab.io.fsio import atomic_dir, link_or_copy
+from cxrlab.io.fsio import atomic_dir, check_writable, link_or_copy
 from cxrlab.io.records import read_rows
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     argparse.ArgumentParser(description=__doc__).parse_args(argv)
     load_params()  # fail on a wrong params.yaml before any work
+    check_writable(paths.DATASET)
     splits = {"train": read_rows(paths.TRAIN_CSV), "test": read_rows(paths.TEST_CSV)}
     with atomic_dir(paths.DATASET) as tmp:
         for split, rows in splits.items():

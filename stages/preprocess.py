@@ -15,7 +15,7 @@ from cxrlab.errors import run_stage
 
 def main(argv: Sequence[str] | None = None) -> None:
     argparse.ArgumentParser(description=__doc__).parse_args(argv)
-    preprocess(load_params().data.image_size)
+    preprocess(load_params().data)
 
 
 if __name__ == "__main__":

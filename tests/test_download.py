@@ -165,12 +165,12 @@ def test_http_error_names_the_url(in_project, server):
 @pytest.mark.parametrize("members, links, why", [
     ({"ds/../../evil.txt": b"x"}, None, r"'\.\.' in the path"),
     ({"/tmp/evil.txt": b"x"}, None, "absolute path"),
-    ({"ds/a.png": b"x"}, {"ds/escape": "../../outside"}, "link to '../../outside' outside the folder"),
+    ({"ds/a.png": b"x"}, {"ds/escape": "../../outside"}, "symbolic link to '../../outside'"),
 ])
 def test_unsafe_archive_entries_are_refused(in_project, tmp_path, members, links, why):
     archive = make_tar(tmp_path / "evil.tar.gz", members, links)
     set_params(in_project / "params.yaml", {"data.source": str(archive)})
-    with pytest.raises(UserError, match=f"unsafe entry .*{why}.*nothing was extracted"):
+    with pytest.raises(UserError, match=f"an unsafe entry: .*{why}.*nothing was extracted"):
         download.main([])
     assert not (in_project / "data" / "raw").exists()
     assert leftovers(in_project) == []
@@ -180,7 +180,7 @@ def test_unsafe_archive_entries_are_refused(in_project, tmp_path, members, links
 def test_zip_with_dotdot_is_refused(in_project, tmp_path):
     archive = make_zip(tmp_path / "evil.zip", {"ok/a.png": b"a", "../evil.txt": b"x"})
     set_params(in_project / "params.yaml", {"data.source": str(archive)})
-    with pytest.raises(UserError, match=r"unsafe entry '../evil.txt'"):
+    with pytest.raises(UserError, match=r"an unsafe entry: '../evil.txt'"):
         download.main([])
     assert not (in_project / "data" / "raw").exists()
     assert not (in_project / "data" / "evil.txt").exists()

@@ -13,6 +13,7 @@ from cxrlab.data.datasets import to_model_input
 from cxrlab.data.images import check_image, load_rgb
 
 GRAY = 200  # the grey level every file below encodes
+LIMITS = {"max_pixels": 1000, "min_side": 1}  # the 8 x 8 test images are inside these
 
 
 def write(tmp_path, mode: str, suffix: str = ".png"):
@@ -34,7 +35,7 @@ def write(tmp_path, mode: str, suffix: str = ".png"):
 def test_every_mode_becomes_three_channel_8_bit(tmp_path, mode, suffix):
     path = write(tmp_path, mode, suffix)
     assert Image.open(path).mode == mode
-    array = load_rgb(path, 4)
+    array = load_rgb(path, 4, **LIMITS)
     assert array.shape == (3, 4, 4) and array.dtype == np.uint8
     tolerance = 3 if suffix == ".jpg" else 0  # JPEG is lossy
     assert np.abs(array.astype(int) - GRAY).max() <= tolerance, (mode, array[:, 0, 0])
@@ -42,12 +43,12 @@ def test_every_mode_becomes_three_channel_8_bit(tmp_path, mode, suffix):
 
 def test_check_image_names_what_is_wrong(tmp_path):
     good = write(tmp_path, "L")
-    assert check_image(good) is None
+    assert check_image(good, **LIMITS) is None
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(good.read_bytes()[:-20])
     text = tmp_path / "text.png"
     text.write_text("hello")
-    assert check_image(truncated) and check_image(text)
+    assert check_image(truncated, **LIMITS) and check_image(text, **LIMITS)
 
 
 def _preprocessed(tmp_path, colour: bool):
@@ -55,7 +56,7 @@ def _preprocessed(tmp_path, colour: bool):
     from tests.conftest import copy_project, set_params, stage
 
     project = copy_project(tmp_path / "project")
-    set_params(project / "params.yaml", {"data.image_size": 16})
+    set_params(project / "params.yaml", {"data.image_size": 16, "data.min_image_side": 16})
     rows = []
     for split, label, name in (("train", 0, "h1.png"), ("train", 1, "tb1.png"), ("test", 0, "h2.png")):
         folder = project / "data" / "dataset" / split / ["Healthy", "TB"][label]
@@ -82,7 +83,7 @@ def test_preprocess_keeps_one_channel_only_when_every_image_is_grayscale(tmp_pat
     assert train.shape == (2, channels, 16, 16) and test.shape == (1, channels, 16, 16)
     assert json.loads((prepared / "meta.json").read_text())["channels"] == channels
     assert not list(prepared.glob("*.rgb.npy"))
-    expected = load_rgb(prepared.parent / "dataset" / "train" / "Healthy" / "h1.png", 16)
+    expected = load_rgb(prepared.parent / "dataset" / "train" / "Healthy" / "h1.png", 16, max_pixels=400, min_side=16)
     np.testing.assert_array_equal(train[0], expected[:channels])
 
 

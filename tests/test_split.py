@@ -22,7 +22,7 @@ TBX11K_LIST = Path(__file__).parent / "data" / "tbx11k_health_tb.txt"
 
 def tiny_png() -> bytes:
     out = io.BytesIO()
-    Image.new("L", (2, 2), 128).save(out, format="PNG")
+    Image.new("L", (32, 32), 128).save(out, format="PNG")  # data.min_image_side is 32
     return out.getvalue()
 
 
@@ -30,7 +30,7 @@ PNG = tiny_png()
 
 
 def placeholder_tree(root: Path, names: list[str]) -> None:
-    """The files `names` under `root`: a valid 2 x 2 PNG for image names, empty otherwise."""
+    """The files `names` under `root`: a valid 32 x 32 PNG for image names, empty otherwise."""
     for name in names:
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,10 @@ image gets the probabilities evaluate reported for it. With `--variant`,
 the best checkpoint of a binary task is decided at the operating threshold
 evaluate chose on validation (`metrics/evaluate/<variant>/metrics.json`); a
 last checkpoint, a `--checkpoint` or a task without one is decided by the
-highest probability. Unreadable files are reported and skipped. The table
-goes to stdout; `--out` also writes it as CSV or JSON.
+highest probability. Unreadable files, and images outside the size limits
+of params.yaml (`data.max_image_pixels`, `data.min_image_side`, so run it from
+the project root), are reported and skipped. The table goes to stdout;
+`--out` also writes it as CSV or JSON (checked to be writable first).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from cxrlab.config.load import load_params
 from cxrlab.errors import UserError, run_stage
+from cxrlab.io.fsio import check_writable
 from cxrlab.serving.predict import (
     decode_all,
     image_files,
@@ -43,17 +47,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
     parser.add_argument("paths", nargs="+", help="image files or folders of images")
     args = parser.parse_args(argv)
-    if args.out is not None and args.out.suffix.lower() not in (".csv", ".json"):
-        raise UserError(f"--out {args.out}: write .csv or .json")
+    if args.out is not None:  # before any work: a wrong --out must not cost the predictions
+        if args.out.is_dir():
+            raise UserError(f"--out {args.out} is a folder; name a .csv or .json file, e.g. "
+                            f"{args.out / 'predictions.csv'}")
+        if args.out.suffix.lower() not in (".csv", ".json"):
+            raise UserError(f"--out {args.out}: write .csv or .json")
+        check_writable(args.out)
+    data = load_params().data
 
     if args.variant:
         predictor = variant_predictor(args.variant, args.seed, args.which, args.device)
     else:
         predictor = load_predictor(args.checkpoint, device=args.device)
     files = image_files(args.paths)
-    images, kept, skipped = decode_all(files, predictor.image_size)
+    images, kept, skipped = decode_all(files, predictor.image_size, data.max_image_pixels, data.min_image_side)
     for path, why in skipped:
-        print(f"skipped {path}: not a readable image ({why})", file=sys.stderr)
+        print(f"skipped {path}: {why}", file=sys.stderr)
     if not kept:
         raise UserError(f"none of the {len(files)} files could be read as an image (reasons above)")
 
@@ -70,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.out is not None:
         write_output(args.out, predictor, kept, probs, decisions, skipped)
         print(f"predict: wrote {args.out}" + (f" ({len(skipped)} files skipped)" if skipped else ""))
+
 
 
 if __name__ == "__main__":

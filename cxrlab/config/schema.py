@@ -74,6 +74,9 @@ class DataParams(_Section):
     seed: int = Field(ge=0)
     image_size: int = Field(ge=16, le=2048)
     on_bad_image: Literal["error", "skip"]
+    max_unpacked_gb: float = Field(gt=0)
+    max_image_pixels: int = Field(ge=1)
+    min_image_side: int = Field(ge=1)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
@@ -101,6 +104,13 @@ class DataParams(_Section):
         if min(std) <= 0:
             raise ValueError("every std must be > 0")
         return std
+
+    @model_validator(mode="after")
+    def _image_limits_consistent(self) -> "DataParams":
+        if self.min_image_side ** 2 > self.max_image_pixels:
+            raise ValueError(f"min_image_side {self.min_image_side} allows no image within max_image_pixels "
+                             f"{self.max_image_pixels}; lower min_image_side or raise max_image_pixels")
+        return self
 
     @model_validator(mode="after")
     def _positive_is_a_class(self) -> "DataParams":

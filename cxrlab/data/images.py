@@ -3,19 +3,51 @@
 Every image, whatever its mode (8- or 16-bit grayscale, palette, RGB, RGBA,
 CMYK), becomes an 8-bit RGB array resized to the training resolution with
 the same filter torchvision's `Resize` uses on PIL images (bilinear, with
-antialiasing). Training, evaluation and prediction all go through `load_rgb`.
+antialiasing). Preprocessing, prediction and the web page all go through
+`read_rgb` (`load_rgb`), so they see the same pixels.
+
+Before anything is decoded, the header's size is checked: more than
+`data.max_image_pixels` pixels is refused (a decompression bomb: a 140 KB
+PNG can hold 12000 x 12000 pixels), and so is a shorter side under
+`data.min_image_side` (a thumbnail or a 1 x 1 tracking pixel is no X-ray).
+Both raise `ImageRefused`, a `ValueError`, which callers treat as a bad image.
+
+16-bit (and 32-bit integer) grayscale is mapped onto 8 bits by the bit depth
+of its data, not of its container (`gray_scale`): X-ray detectors deliver 10,
+12 or 14 bits, often stored unscaled in a 16-bit PNG, and dividing 12-bit
+values by 257 makes the brightest pixel 14 of 255.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
+import struct
+import warnings
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
+from typing import IO, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+
+# Bit depths X-ray detectors deliver; a 16-bit image without sBIT is taken to
+# hold the smallest of these that covers its brightest pixel.
+DETECTOR_BITS = (8, 10, 12, 14, 16)
+
+# PIL's own bomb check (a warning above Image.MAX_IMAGE_PIXELS, an error
+# above twice that) is set to our limit by `open_image`, which refuses
+# everything above it with its own message first; the warning would only
+# repeat that on stderr.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+class ImageRefused(ValueError):
+    """An image whose header says it is too large or too small to use."""
+
 
 _DIGITS = re.compile(r"(\d+)")
 
@@ -36,14 +68,72 @@ def natural_key(name: str) -> tuple:
     return tuple(int(p) if i % 2 else p.lower() for i, p in enumerate(parts))
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """An 8-bit RGB copy of `img`, whatever its mode."""
+def png_significant_bits(fp: IO[bytes]) -> int | None:
+    """The grey channel's significant bits from a PNG's sBIT chunk, or None.
+
+    Pillow does not expose sBIT, so the chunks before the image data are read
+    here (each is skipped by its length; a few hundred bytes in all). `fp` is
+    left where it was.
+    """
+    start = fp.tell()
+    try:
+        if fp.read(8) != b"\x89PNG\r\n\x1a\n":
+            return None
+        for _ in range(256):
+            head = fp.read(8)
+            if len(head) < 8:
+                return None
+            length, kind = struct.unpack(">I4s", head)
+            if kind in (b"IDAT", b"IEND"):
+                return None
+            if kind == b"sBIT":
+                bits = fp.read(min(length, 4))
+                return bits[0] if bits and 1 <= bits[0] <= 16 else None
+            fp.seek(length + 4, 1)  # data and CRC
+        return None
+    finally:
+        fp.seek(start)
+
+
+def gray_scale(arr: np.ndarray, significant_bits: int | None) -> float:
+    """The value that becomes 255 when a 16-bit (or wider) grayscale array is mapped onto 8 bits.
+
+    - The PNG says how many bits are significant (sBIT = k): if every value
+      fits in k bits, the data are stored unscaled, as detectors' exports
+      usually are, and 2^k - 1 is white; larger values mean the writer scaled
+      them to 16 bits as the PNG standard asks, and 65535 is white.
+    - Otherwise, values that are all multiples of 257 are 8-bit data scaled
+      to 16 bits (v * 257, as Pillow and numpy users write them): 65535.
+    - Otherwise the data's bit depth is the smallest detector depth (8, 10,
+      12, 14 or 16 bits) holding the brightest pixel, and 2^depth - 1 is
+      white: a 12-bit X-ray keeps its contrast, and images of one detector
+      share one scale (relative brightness between them is kept), unlike a
+      per-image stretch to [min, max]. A 16-bit image darker than 1/4 of the
+      range is thereby brightened; its writer can say so with sBIT = 16.
+    """
+    top = float(arr.max()) if arr.size else 0.0
+    if significant_bits:
+        return float(2 ** significant_bits - 1) if top <= 2 ** significant_bits - 1 else 65535.0
+    if top > 255 and not (arr % 257).any():
+        return 65535.0
+    for bits in DETECTOR_BITS:
+        if top <= 2 ** bits - 1:
+            return float(2 ** bits - 1)
+    return float(2 ** int(np.ceil(np.log2(top + 1))) - 1)  # 32-bit integer images
+
+
+def to_rgb(img: Image.Image, significant_bits: int | None = None) -> Image.Image:
+    """An 8-bit RGB copy of `img`, whatever its mode; 16-bit grey is scaled by `gray_scale`."""
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        # 16-bit (or 32-bit) grayscale: map the full 16-bit range onto 8 bits.
-        arr = np.asarray(img, dtype=np.float64)
-        arr = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
-        img = Image.fromarray(arr, mode="L")
+        arr = np.array(img, dtype=np.float32)  # a writable copy
+        if img.mode == "F" and arr.size and arr.max() <= 1.0:
+            scale = 1.0  # floating-point images in [0, 1]
+        else:
+            scale = gray_scale(np.rint(arr) if img.mode == "F" else np.asarray(img), significant_bits)
+        arr *= 255.0 / scale  # in place: a 50-megapixel image is 200 MB as float32
+        np.clip(np.rint(arr, out=arr), 0, 255, out=arr)
+        img = Image.fromarray(arr.astype(np.uint8), mode="L")
     elif img.mode in ("P", "PA"):
         img = img.convert("RGBA")
     if img.mode == "RGB":
@@ -51,36 +141,67 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, LA, RGBA (alpha dropped), CMYK, YCbCr ...
 
 
-def check_image(path: str | Path) -> str | None:
-    """None if `path` decodes completely, else why not."""
+@contextlib.contextmanager
+def open_image(source: str | Path | IO[bytes], max_pixels: int, min_side: int) -> Iterator[tuple[Image.Image, int | None]]:
+    """(the opened, not yet decoded image, its PNG significant bits) after the header's size is checked.
+
+    Raises `ImageRefused` when the image has more than `max_pixels` pixels or
+    a side under `min_side`; `OSError` when it is not an image.
+    """
+    Image.MAX_IMAGE_PIXELS = max_pixels  # PIL refuses beyond twice this even where we do not look
+    with contextlib.ExitStack() as stack:
+        fp = source if hasattr(source, "read") else stack.enter_context(open(source, "rb"))
+        bits = png_significant_bits(fp)
+        try:
+            img = stack.enter_context(Image.open(fp))
+        except Image.DecompressionBombError as err:
+            pixels = re.search(r"\((\d+) pixels\)", str(err))
+            raise ImageRefused(f"{pixels.group(1) if pixels else 'too many'} pixels, more than "
+                               f"data.max_image_pixels ({max_pixels}): refused before decoding") from None
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ImageRefused(f"{width} x {height} = {width * height} pixels, more than data.max_image_pixels "
+                               f"({max_pixels}): refused before decoding")
+        if min(width, height) < min_side:
+            raise ImageRefused(f"{width} x {height} pixels, a side under data.min_image_side ({min_side})")
+        yield img, bits
+
+
+def read_rgb(source: str | Path | IO[bytes], max_pixels: int, min_side: int) -> Image.Image:
+    """`source` decoded into an 8-bit RGB image, within the size limits (see `open_image`)."""
+    with open_image(source, max_pixels, min_side) as (img, bits):
+        img.load()
+        return to_rgb(img, bits)
+
+
+def check_image(path: str | Path, max_pixels: int, min_side: int) -> str | None:
+    """None if `path` decodes completely within the size limits, else why not."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            to_rgb(img)
-    except (OSError, ValueError, Image.DecompressionBombError) as err:  # unreadable, truncated, not an image
+        read_rgb(path, max_pixels, min_side)
+    except (OSError, ValueError) as err:  # unreadable, truncated, not an image, refused by size
         return str(err) or type(err).__name__
     return None
 
 
-def check_images(paths: list[Path], workers: int) -> dict[Path, str]:
+def check_images(paths: list[Path], workers: int, max_pixels: int, min_side: int) -> dict[Path, str]:
     """{path: reason} for every file of `paths` that does not decode, checked in parallel."""
+    check = partial(check_image, max_pixels=max_pixels, min_side=min_side)
     if workers <= 1 or len(paths) < 64:
-        results = map(check_image, paths)
+        results = map(check, paths)
         return {p: why for p, why in zip(paths, results) if why}
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(check_image, paths, chunksize=32)
+        results = pool.map(check, paths, chunksize=32)
         return {p: why for p, why in zip(paths, results) if why}
 
 
-def load_rgb(path: str | Path, size: int) -> np.ndarray:
-    """Decode `path` into a (3, size, size) uint8 array.
+def load_rgb(source: str | Path | IO[bytes], size: int, max_pixels: int, min_side: int) -> np.ndarray:
+    """Decode `source` (a path or an open binary file) into a (3, size, size) uint8 array.
 
     Raises `OSError` (or `PIL.UnidentifiedImageError`, a subclass) for a file
-    that is not a readable image, truncated ones included.
+    that is not a readable image, truncated ones included, and `ImageRefused`
+    (a `ValueError`) for one outside the size limits.
     """
-    with Image.open(path) as img:
-        img.load()
-        rgb = to_rgb(img)
+    rgb = read_rgb(source, max_pixels, min_side)
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).copy()

@@ -23,23 +23,25 @@ import numpy as np
 from tqdm import tqdm
 
 from cxrlab import paths
+from cxrlab.config.schema import DataParams
 from cxrlab.data.images import load_rgb
 from cxrlab.errors import UserError
-from cxrlab.io.fsio import atomic_dir, write_json
+from cxrlab.io.fsio import atomic_dir, check_writable, write_json
 from cxrlab.io.records import read_rows, write_rows
 
 
-def _decode(path: str, size: int) -> np.ndarray | str:
+def _decode(path: str, size: int, max_pixels: int, min_side: int) -> np.ndarray | str:
     try:
-        return load_rgb(path, size)
-    except (OSError, ValueError) as err:  # unreadable, truncated, not an image
+        return load_rgb(path, size, max_pixels, min_side)
+    except (OSError, ValueError) as err:  # unreadable, truncated, not an image, outside the size limits
         return f"{path}: {err}"
 
 
-def decode_all(files: list[Path], size: int, out: np.ndarray, workers: int, desc: str) -> None:
+def decode_all(files: list[Path], size: int, out: np.ndarray, workers: int, desc: str,
+               max_pixels: int, min_side: int) -> None:
     """Decode `files` into `out[i]` in parallel; every unreadable file is reported."""
     bad = []
-    decode = partial(_decode, size=size)
+    decode = partial(_decode, size=size, max_pixels=max_pixels, min_side=min_side)
     with ProcessPoolExecutor(max_workers=workers) as pool:
         results = pool.map(decode, map(str, files), chunksize=16)
         for i, result in enumerate(tqdm(results, total=len(files), desc=desc, unit="img", mininterval=2)):
@@ -61,7 +63,9 @@ def is_grayscale(array: np.ndarray, chunk: int = 256) -> bool:
     return True
 
 
-def preprocess(size: int) -> None:
+def preprocess(data: DataParams) -> None:
+    size = data.image_size
+    check_writable(paths.PREPARED)
     splits = {"train": read_rows(paths.TRAIN_CSV), "test": read_rows(paths.TEST_CSV)}
     classes = {int(r["label"]): r["class"] for rows in splits.values() for r in rows}
     workers = max(1, min(os.cpu_count() or 1, 16))
@@ -71,7 +75,8 @@ def preprocess(size: int) -> None:
             files = [paths.DATASET / split / r["class"] / r["filename"] for r in rows]
             array = np.lib.format.open_memmap(tmp / f"{split}.rgb.npy", mode="w+", dtype=np.uint8,
                                               shape=(len(rows), 3, size, size))
-            decode_all(files, size, array, workers, f"preprocess {split}")
+            decode_all(files, size, array, workers, f"preprocess {split}", data.max_image_pixels,
+                       data.min_image_side)
             array.flush()
             gray = gray and is_grayscale(array)
             del array

@@ -25,7 +25,7 @@ from cxrlab.config.schema import DataParams
 from cxrlab.data.images import check_images
 from cxrlab.data.layout import ClassFolder, find_class_folders, list_class
 from cxrlab.errors import UserError
-from cxrlab.io.fsio import atomic_dir, write_json
+from cxrlab.io.fsio import atomic_dir, check_writable, write_json
 from cxrlab.io.records import write_rows
 
 
@@ -80,9 +80,11 @@ def _span(names: list[str]) -> dict:
     return {"count": len(names), "first": names[0], "last": names[-1]}
 
 
-def drop_bad_images(classes: list[ClassFolder], policy: str, max_per_class: int | None) -> dict[str, str]:
+def drop_bad_images(classes: list[ClassFolder], policy: str, max_per_class: int | None,
+                    max_pixels: int, min_side: int) -> dict[str, str]:
     """Decode every image that can reach the split; with `skip`, drop the bad ones
     (before the ID order is cut, so the next good image takes a bad one's place).
+    An image over `max_pixels` pixels or with a side under `min_side` is a bad one.
     Returns {path under data/raw: reason}; with `error`, any bad image is an error."""
     workers = max(1, min(os.cpu_count() or 1, 16))
     bad: dict[str, str] = {}
@@ -90,7 +92,7 @@ def drop_bad_images(classes: list[ClassFolder], policy: str, max_per_class: int 
         while True:  # with max_per_class, a dropped image lets the next one in: check it too
             wanted = cls.images[:max_per_class] if max_per_class else cls.images
             unchecked = [n for n in wanted if (cls.folder / n).relative_to(paths.RAW).as_posix() not in bad]
-            found = check_images([cls.folder / n for n in unchecked], workers)
+            found = check_images([cls.folder / n for n in unchecked], workers, max_pixels, min_side)
             if not found:
                 break
             for path, why in found.items():
@@ -112,13 +114,15 @@ def drop_bad_images(classes: list[ClassFolder], policy: str, max_per_class: int 
 def split_dataset(data: DataParams) -> None:
     if not paths.RAW.is_dir():
         raise UserError(f"{paths.RAW} does not exist; run the download stage first (dvc repro download)")
+    check_writable(paths.SPLIT, paths.SPLIT_REPORT)
 
     folders = find_class_folders(paths.RAW, data.class_spec)
     if data.positive_class not in folders:  # with classes: auto, the first chance to check it
         raise UserError(f"data.positive_class {data.positive_class!r} is not one of the classes "
                         f"{list(folders)} found under {paths.RAW}; set data.positive_class to one of them")
     classes = [list_class(name, label, folder) for label, (name, folder) in enumerate(folders.items())]
-    bad = drop_bad_images(classes, data.on_bad_image, data.max_per_class)
+    bad = drop_bad_images(classes, data.on_bad_image, data.max_per_class, data.max_image_pixels,
+                          data.min_image_side)
     test_rows, train_rows = [], []
     report: dict = {"classes": {}, "ignored_files": 0, "bad_images": len(bad), "bad_image_files": bad}
     for cls in classes:

@@ -36,6 +36,7 @@ from cxrlab.evaluation.evaluate import (
     runtime,
     scoring_data,
 )
+from cxrlab.io.fsio import check_writable
 
 # Weight of the soft mean in a hard vote: breaks ties (and ranks them for ROC) without outweighing a vote.
 TIE_BREAK = 1e-3
@@ -53,6 +54,7 @@ def combine(member_probs: list[np.ndarray], voting: str) -> np.ndarray:
 
 def evaluate_ensemble(name: str, params: Params) -> None:
     spec = params.ensemble(name)
+    check_writable(paths.eval_dir(name) / "metrics.json")
     rt = runtime(params)
     test, y_val, loaders = scoring_data(eval_batch_size(params.evaluate.batch_size, rt.device), rt)
     image_size = prepared_image_size()

@@ -46,7 +46,7 @@ from cxrlab.data.datasets import (
 )
 from cxrlab.errors import UserError
 from cxrlab.evaluation.scoring import seed_report, seeds_report
-from cxrlab.io.fsio import atomic_file, write_json
+from cxrlab.io.fsio import atomic_file, check_writable, write_json
 from cxrlab.model.backbones import load_checkpoint, model_from_checkpoint
 from cxrlab.training.engine import predict
 from cxrlab.training.runtime import Runtime, setup
@@ -106,6 +106,7 @@ def predict_checkpoint(path: Path, classes: list[str], image_size: int, rt: Runt
 
 def evaluate_variant(variant: str, params: Params) -> None:
     seeds = params.variant(variant).seeds
+    check_writable(paths.eval_dir(variant) / "metrics.json")
     rt = runtime(params)
     test, y_val, loaders = scoring_data(eval_batch_size(params.evaluate.batch_size, rt.device), rt)
     image_size = prepared_image_size()

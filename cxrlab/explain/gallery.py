@@ -30,7 +30,7 @@ from cxrlab.data.datasets import eval_batch_size, load_split, prepared_image_siz
 from cxrlab.errors import UserError  # noqa: E402
 from cxrlab.evaluation.evaluate import load_for_test  # noqa: E402
 from cxrlab.explain.cam import overlay  # noqa: E402
-from cxrlab.io.fsio import atomic_file  # noqa: E402
+from cxrlab.io.fsio import atomic_file, check_writable  # noqa: E402
 from cxrlab.serving.predict import make_predictor, operating_threshold  # noqa: E402
 
 # (name, truly positive, decided positive, most telling first: highest p(positive)?)
@@ -81,6 +81,7 @@ def explain_variant(variant: str, params: Params) -> None:
     seed = params.variant(variant).seeds[0]
     which, per_group = params.explain.checkpoint, params.explain.per_group
     positive_class = params.data.positive_class
+    check_writable(paths.explain_dir(variant) / "gallery.png")
 
     test = load_split("test")
     if not len(test):

@@ -2,12 +2,15 @@
 
 Every stage writes to a temporary sibling and renames it into place only once
 it is complete; a killed stage leaves at most a `.tmp-*` sibling, which the
-next run removes.
+next run removes. A full disk while writing names the output, not the
+temporary; `check_writable` lets a stage find a read-only output folder
+before its long work rather than after.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -16,7 +19,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from cxrlab.errors import UserError
+
 TMP_MARK = ".tmp-"
+FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _clean_stale(target: Path) -> None:
@@ -43,6 +49,11 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         os.chmod(tmp_path, 0o644)
         os.replace(tmp_path, target)
+    except OSError as err:
+        tmp_path.unlink(missing_ok=True)
+        if err.errno in FULL and _inside(err, tmp_path):  # name the output, not its temporary
+            raise OSError(err.errno, os.strerror(err.errno), str(target)) from None
+        raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -59,9 +70,51 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         remove(target)
         os.replace(tmp_path, target)
+    except OSError as err:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+        if err.errno in FULL and _inside(err, tmp_path):
+            raise OSError(err.errno, os.strerror(err.errno), str(target)) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp_path, ignore_errors=True)
         raise
+
+
+def _inside(err: OSError, tmp: Path) -> bool:
+    """Whether the error happened writing the temporary `tmp` or a file in it (or where is not known).
+    A copy's error names its source first (`shutil.copy2` sets filename to the source, filename2 to
+    the destination)."""
+    names = [str(n) for n in (err.filename, err.filename2) if n is not None]
+    return not names or any(n == str(tmp) or n.startswith(str(tmp) + os.sep) for n in names)
+
+
+def check_writable(*outputs: str | os.PathLike) -> None:
+    """Raise `UserError` naming the first of `outputs` (files or folders) that cannot be written.
+
+    An output is written as a temporary beside it, renamed into place, so the
+    folder that will hold it must take a new file: it (or, where it does not
+    exist yet, the nearest existing folder above it, where it will be made)
+    is probed by creating and removing an empty file. An existing output
+    folder is probed too, since replacing it deletes what is inside. Nothing
+    is left behind. A full disk is not found this way (an empty file still
+    fits); `run_stage` reports one when writing fails.
+    """
+    for output in outputs:
+        target = Path(output)
+        probes = [target.parent] + ([target] if target.is_dir() and not target.is_symlink() else [])
+        for folder in probes:
+            existing = folder
+            while not existing.exists() and existing != existing.parent:
+                existing = existing.parent
+            if not existing.is_dir():
+                raise UserError(f"cannot write {target}: {existing} is a file, not a folder; move it away")
+            try:
+                fd, probe = tempfile.mkstemp(prefix=".write-check" + TMP_MARK, dir=existing)
+                os.close(fd)
+                os.unlink(probe)
+            except OSError as err:
+                raise UserError(f"cannot write {target}: {existing} is not writable ({err.strerror}); make it "
+                                "writable (chmod u+w, or a writable disk) and run again") from None
 
 
 def remove(path: str | os.PathLike) -> None:

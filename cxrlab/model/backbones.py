@@ -18,6 +18,8 @@ loads with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 from typing import Any, Sequence
 from urllib.parse import urlparse
@@ -170,7 +172,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
-        raise UserError(f"{path} is not a loadable checkpoint ({type(err).__name__}: {err})") from None
+        # torch's own message advises retrying with weights_only=False, which would run any code the
+        # file holds: it is never repeated, only the object it refused or the first line of other errors
+        text = str(err)
+        culprit = re.search(r"GLOBAL ([\w.]+)", text)
+        if isinstance(err, pickle.UnpicklingError) and culprit:
+            raise UserError(f"{path} is not a checkpoint written by this pipeline: it holds Python objects "
+                            f"({culprit.group(1)}) that a safe load refuses to run, and it was not loaded. Use a "
+                            "checkpoint written by the train stage (dvc repro)") from None
+        if isinstance(err, pickle.UnpicklingError):
+            why = "not a file torch.save wrote"
+        else:
+            why = next((ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln), "damaged")
+        raise UserError(f"{path} is not a loadable checkpoint ({type(err).__name__}: {why}); "
+                        "use a checkpoint written by the train stage") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a checkpoint written by this pipeline "
                         f"(expected format {CHECKPOINT_FORMAT!r})")

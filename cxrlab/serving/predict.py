@@ -13,12 +13,17 @@ from typing import IO, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from cxrlab import paths
 from cxrlab.config.load import load_params
-from cxrlab.data.images import IMAGE_SUFFIXES, is_image_name, load_rgb, natural_key
+from cxrlab.data.images import (
+    IMAGE_SUFFIXES,
+    ImageRefused,
+    is_image_name,
+    load_rgb,
+    natural_key,
+)
 from cxrlab.errors import UserError
 from cxrlab.explain import cam
 from cxrlab.io.fsio import atomic_file, read_json
@@ -143,19 +148,24 @@ def image_files(inputs: Sequence[str]) -> list[Path]:
     return files
 
 
-def decode(source: str | Path | IO[bytes], size: int) -> np.ndarray | str:
-    """The (3, size, size) uint8 image as the preprocess stage makes it, or why it is unreadable."""
+def decode(source: str | Path | IO[bytes], size: int, max_pixels: int, min_side: int) -> np.ndarray | str:
+    """The (3, size, size) uint8 image as the preprocess stage makes it, or why it cannot be used
+    (`max_pixels`, `min_side`: params.yaml's data.max_image_pixels and data.min_image_side)."""
     try:
-        return load_rgb(source, size)
-    except (OSError, ValueError, Image.DecompressionBombError) as err:  # not an image, truncated, too large
-        return str(err).replace(repr(source), "").replace(repr(str(source)), "").strip() or type(err).__name__
+        return load_rgb(source, size, max_pixels, min_side)
+    except ImageRefused as err:  # too large (a decompression bomb) or too small, by its header
+        return f"refused: {err}"
+    except (OSError, ValueError) as err:  # not an image, truncated
+        why = str(err).replace(repr(source), "").replace(repr(str(source)), "").strip() or type(err).__name__
+        return f"not a readable image ({why})"
 
 
-def decode_all(files: list[Path], size: int) -> tuple[np.ndarray, list[Path], list[tuple[Path, str]]]:
+def decode_all(files: list[Path], size: int, max_pixels: int,
+               min_side: int) -> tuple[np.ndarray, list[Path], list[tuple[Path, str]]]:
     """(images, their files, [(skipped file, why)])."""
     images, kept, skipped = [], [], []
     for path in files:
-        result = decode(path, size)
+        result = decode(path, size, max_pixels, min_side)
         if isinstance(result, str):
             skipped.append((path, result))
         else:

@@ -61,7 +61,7 @@ from cxrlab.data.datasets import (
 )
 from cxrlab.errors import UserError
 from cxrlab.evaluation.metrics import classification_metrics
-from cxrlab.io.fsio import atomic_dir, remove, write_json
+from cxrlab.io.fsio import atomic_dir, check_writable, remove, write_json
 from cxrlab.model.backbones import (
     build_model,
     checkpoint_meta,
@@ -110,8 +110,11 @@ def format_eta(seconds: float) -> str:
 
 
 def train_variant(variant: str, params: Params) -> None:
-
     cfg = params.variant(variant)
+    check_writable(paths.train_dir(variant) / "metrics.json",  # before hours of training, not after
+                   *(out for seed in cfg.seeds for out in (paths.checkpoint(variant, seed, "best").parent,
+                                                           paths.train_log(variant, seed),
+                                                           paths.train_state(variant, seed))))
     train_split, test_split = load_split("train"), load_split("test")
     launch = torchrun_command(cfg.processes, cfg.nodes, cfg.rendezvous, "stages.train", [variant])
     if launch:
