@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
-from tests.synthetic import make_dataset
 
+from cxrlab.data import fetch
 from cxrlab.data.images import check_image, load_rgb
+from cxrlab.data.synthetic import make_dataset
 from cxrlab.errors import UserError
 from cxrlab.serving.predict import decode
-from stages import download, fetch, split
+from stages import download, split
 from tests import test_download
 from tests.conftest import run, set_params, stage
 from tests.test_cli_errors import assert_user_error
