@@ -180,7 +180,8 @@ def train_run(variant: str, cfg: TrainParams, seed: int, data: DataParams, rt: R
             print(f"train {name}: data.val_fraction is 0, so there is no validation set; "
                   "the last epoch stands in for the best")
         if weights is not None:
-            print(f"train {name}: class weights " + ", ".join(f"{c} {w:.3f}" for c, w in zip(classes, weights.tolist())))
+            print(f"train {name}: class weights "
+                  + ", ".join(f"{c} {w:.3f}" for c, w in zip(classes, weights.tolist())))
 
     best_key, best, study, first_epoch = None, None, None, 1
     if state is not None:
