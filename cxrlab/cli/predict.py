@@ -72,5 +72,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"predict: wrote {args.out}" + (f" ({len(skipped)} files skipped)" if skipped else ""))
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `cxr-predict` console script: a mistake the user can fix is one line, not a traceback."""
     run_stage(main, "predict")
+
+
+if __name__ == "__main__":
+    run()
