@@ -9,7 +9,7 @@ repository root:
 1. Data path alone (no model). The study's loader decodes the full-size PNG
    with PIL for every item (RGB, Resize, ToTensor, Normalize; batch 4,
    shuffled, no workers); the pipeline's reads the uint8 arrays written by
-   its own preprocess stage through `cxrlab.training.loop.make_loaders` and
+   its own preprocess stage through `cxrlab.training.build.make_loaders` and
    normalises with `cxrlab.data.datasets.to_model_input`. Baseline (no
    augmentation) and contrast (ColorJitter on the CPU) variants.
 2. Model step at the same model and image size: training images/s of the
@@ -322,9 +322,10 @@ class Pipeline:
         return setup(self.device_spec, cfg.amp, cfg.channels_last, cfg.deterministic)
 
     def loaders(self, cfg, rt, seed: int):
-        from cxrlab.training.loop import make_loaders
+        from cxrlab.data.datasets import loader_settings
+        from cxrlab.training.build import Splits, make_loaders
 
-        return make_loaders(cfg, self.fit, self.val, self.test, rt, seed)
+        return make_loaders(cfg, Splits(self.fit, self.val, self.test), rt, seed, loader_settings(cfg, rt.device))
 
 
 def endless(loader, set_epoch=None):
@@ -604,12 +605,12 @@ def memory_child(argv: list[str]) -> None:
     variant, steps, threads = argv[0], int(argv[1]), int(argv[2])
     torch.set_num_threads(threads)
     from cxrlab.config.load import load_params
-    from cxrlab.data.datasets import load_split, set_epoch
+    from cxrlab.data.datasets import load_split, loader_settings, set_epoch
     from cxrlab.model.backbones import build_model
     from cxrlab.model.losses import StudyLoss
     from cxrlab.model.optim import make_optimizer
+    from cxrlab.training.build import Splits, make_loaders
     from cxrlab.training.engine import predict, train_one_epoch
-    from cxrlab.training.loop import make_loaders
     from cxrlab.training.runtime import seed_all, setup
 
     _report("imports")
@@ -620,7 +621,7 @@ def memory_child(argv: list[str]) -> None:
     fit, val = train_split.subset("train"), train_split.subset("val")
     seed = cfg.seeds[0]
     seed_all(seed)
-    loader, val_loader, _ = make_loaders(cfg, fit, val, test_split, rt, seed)
+    loader, val_loader, _ = make_loaders(cfg, Splits(fit, val, test_split), rt, seed, loader_settings(cfg, rt.device))
     model = build_model(cfg.arch, len(fit.classes), cfg.dropout, cfg.pretrained).to(rt.device)
     loss_fn = StudyLoss(model, cfg.l2_penalty)
     optimizer = make_optimizer(model.parameters(), cfg)

@@ -29,8 +29,8 @@ from cxrlab.model.backbones import (
     save_checkpoint,
 )
 from cxrlab.model.losses import StudyLoss, l2_penalty
+from cxrlab.training.build import Splits, make_loaders
 from cxrlab.training.engine import predict
-from cxrlab.training.loop import make_loaders
 from cxrlab.training.runtime import Runtime
 from tests.conftest import ROOT
 
@@ -72,7 +72,7 @@ def test_each_variant_builds_its_model_and_training_transform(variant, fc_type, 
         assert isinstance(model.fc[1], nn.Linear) and model.fc[1].in_features == 2048
 
     split = tiny_split()
-    loader, val_loader, test_loader = make_loaders(cfg, split, split, split, CPU, seed=0)
+    loader, val_loader, test_loader = make_loaders(cfg, Splits(split, split, split), CPU, 0, LoaderSettings())
     transform = loader.dataset.transform
     if not augment:
         assert transform is None
@@ -90,7 +90,8 @@ def test_each_variant_builds_its_model_and_training_transform(variant, fc_type, 
 def test_evaluation_input_is_the_plain_normalised_image():
     split = tiny_split(size=32)
     model = build_model("resnet18", 2).eval()
-    loader = make_loaders(load_params(ROOT / "params.yaml").variant("contrast"), split, split, split, CPU, 0)[1]
+    cfg = load_params(ROOT / "params.yaml").variant("contrast")
+    loader = make_loaders(cfg, Splits(split, split, split), CPU, 0, LoaderSettings())[1]
     prob, labels = predict(model, loader, CPU, MEAN, STD)
     x = torch.from_numpy(split.images).float() / 255
     x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
@@ -121,7 +122,7 @@ def test_batches_come_back_in_sampler_order_with_their_labels():
 def test_shuffle_order_is_reseeded_per_epoch():
     split = tiny_split(n=20)
     cfg = load_params(ROOT / "params.yaml").variant("baseline")
-    loader = make_loaders(cfg, split, split, split, CPU, seed=0)[0]
+    loader = make_loaders(cfg, Splits(split, split, split), CPU, 0, LoaderSettings())[0]
 
     set_epoch(loader, 1)
     first = [img.sum().item() for img, _ in loader]
