@@ -30,7 +30,7 @@ from cxrlab.model.backbones import (
 )
 from cxrlab.model.losses import StudyLoss, l2_penalty
 from cxrlab.training.build import Splits, make_loaders
-from cxrlab.training.engine import predict
+from cxrlab.training.engine import predict, train_one_epoch
 from cxrlab.training.runtime import Runtime
 from tests.conftest import ROOT
 
@@ -193,6 +193,24 @@ def test_study_loss_is_cross_entropy_plus_the_penalty():
     squares = sum((p ** 2).sum() for p in model.parameters())
     assert StudyLoss(model, 0.0)(logits, target).item() == pytest.approx(ce.item())
     assert StudyLoss(model, 0.01)(logits, target).item() == pytest.approx(ce.item() + 0.005 * squares.item())
+
+
+def test_an_epoch_reports_the_cross_entropy_and_the_l2_penalty_apart():
+    """train/loss must compare across variants: the penalty (about 13 here) is its own number."""
+    split = tiny_split(n=8, size=32)
+    cfg = load_params(ROOT / "params.yaml").variant("regu_penalty")
+    stats = {}
+    for lam in (0.0, cfg.l2_penalty):
+        torch.manual_seed(0)
+        model = build_model("resnet18", 2)
+        penalty = l2_penalty(model, lam).item()
+        loader = make_loaders(cfg, Splits(split, split, split), CPU, 0, LoaderSettings())[0]
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights, hence the penalty, stay put
+        stats[lam] = train_one_epoch(model, loader, optimizer, StudyLoss(model, lam), CPU, MEAN, STD, 2)
+    plain, penalised = stats[0.0], stats[cfg.l2_penalty]
+    assert "l2_penalty" not in plain
+    assert penalised["l2_penalty"] == pytest.approx(penalty) and penalty > 5
+    assert penalised["loss"] == pytest.approx(plain["loss"]) and penalised["loss"] < 2
 
 
 def test_checkpoint_round_trip_loads_safely(tmp_path):

@@ -3,7 +3,9 @@
 The variant's settings are `train` with `experiments.<variant>` merged over
 it. Every epoch trains on `subset=train` of the training split, scores the
 validation hold-out (`subset=val`) and logs to DVCLive:
-loss, accuracy and F1 on train and validation, per-class validation
+loss (the cross-entropy; an L2 penalty is logged apart as `train/l2_penalty`,
+so `train/loss` compares across variants), accuracy and F1 on train and
+validation, per-class validation
 precision, recall, specificity and F1, learning rate, trainable parameters,
 images/s. The best epoch is chosen on validation (`train.select_metric`,
 ties to the lower validation loss), never on the test set; `train.patience`
@@ -257,8 +259,9 @@ def validate(run: TrainingRun, data: DataParams, rt: Runtime, progress: Progress
              epoch: int) -> tuple[dict, dict | None]:
     """The epoch's log row (training, validation and test-curve metrics) and the validation metrics."""
     positive = run.classes.index(data.positive_class)
-    row = {"train/loss": stats["loss"], **{f"train/{k}": v for k, v in
-                                             confusion_summary(stats["confusion"], positive).items()}}
+    # train/loss is the cross-entropy alone, comparable across variants; an L2 penalty is its own curve
+    row = {"train/loss": stats["loss"], "train/l2_penalty": stats.get("l2_penalty"),
+           **{f"train/{k}": v for k, v in confusion_summary(stats["confusion"], positive).items()}}
     val_metrics = None
     if run.val_loader is not None:
         prob, y = predict(run.model, run.val_loader, rt, data.mean, data.std)
