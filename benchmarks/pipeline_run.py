@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -18,23 +17,10 @@ import torch
 
 from cxrlab import paths
 from cxrlab.config.load import load_params
-from cxrlab.config.schema import DataParams, TrainParams
-from cxrlab.data.datasets import (
-    ImageArrayDataset,
-    LoaderSettings,
-    Split,
-    build_augment,
-    eval_batch_size,
-    load_split,
-    loader_settings,
-    make_loader,
-    prepared_image_size,
-)
-from cxrlab.model.backbones import build_model
-from cxrlab.model.freezing import apply_freeze, phase_at, phases
-from cxrlab.model.losses import StudyLoss, class_weights
-from cxrlab.model.optim import make_optimizer, make_scheduler, scale_lr
-from cxrlab.training.loop import wrap
+from cxrlab.config.schema import TrainParams
+from cxrlab.data.datasets import load_split, loader_settings
+from cxrlab.training.build import Splits, TrainingRun, build_run
+from cxrlab.training.loop import Progress, enter_phase
 from cxrlab.training.runtime import Runtime, seed_all, setup
 
 
@@ -49,67 +35,12 @@ def inside(folder: Path) -> Iterator[None]:
         os.chdir(before)
 
 
-@dataclass
-class Splits:
-    fit: Split
-    val: Split
-    test: Split
-
-
-@dataclass
-class TrainingRun:
-    model: torch.nn.Module
-    loss_fn: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    loader: object
-    val_loader: object
-    test_loader: object
-    plan: list
-    classes: list[str]
-    image_size: int
-
-
-def build_run(cfg: TrainParams, data: DataParams, rt: Runtime, splits: Splits, seed: int,
-              loading: LoaderSettings) -> TrainingRun:
-    """What `cxrlab.training.loop.train_run` builds before its first epoch, step for step.
-
-    A stand-in until branch `dvcrun`'s `cxrlab.training.build.build_run` (the
-    train stage's own builder, same signature) is merged; then this function
-    goes and the import below `Pipeline.build` changes, nothing else.
-    """
-    classes = splits.fit.classes
-    augment = build_augment(cfg.augmentations)
-    loader = make_loader(ImageArrayDataset(splits.fit, augment), cfg.batch_size, shuffle=True, seed=seed,
-                         settings=loading, rank=rt.rank, world_size=rt.world_size, balanced=cfg.balanced_sampler)
-    plain = LoaderSettings(pin_memory=loading.pin_memory)
-    eval_batch = eval_batch_size("auto", rt.device)
-    val_loader = (make_loader(ImageArrayDataset(splits.val), eval_batch, shuffle=False, seed=seed, settings=plain)
-                  if len(splits.val) else None)
-    test_loader = (make_loader(ImageArrayDataset(splits.test), eval_batch, shuffle=False, seed=seed,
-                               settings=plain) if cfg.log_test_curve else None)
-    image_size = prepared_image_size()
-    model = build_model(cfg.arch, len(classes), cfg.dropout, cfg.pretrained, head_hidden=cfg.head_hidden,
-                        keep_imagenet_head=cfg.keep_imagenet_head, image_size=image_size).to(rt.device)
-    if rt.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    weights = class_weights(cfg.class_weights, splits.fit.labels, classes)
-    loss_fn = StudyLoss(model, cfg.l2_penalty, weights).to(rt.device)
-    optimizer = make_optimizer(model.parameters(), cfg)
-    scheduler = make_scheduler(optimizer, cfg)
-    plan = phases(cfg.freeze, [p.model_dump() for p in cfg.progressive])
-    return TrainingRun(model, loss_fn, optimizer, scheduler, loader, val_loader, test_loader, plan, classes,
-                       image_size)
-
-
 def first_epoch_net(run: TrainingRun, cfg: TrainParams, rt: Runtime) -> tuple[torch.nn.Module, int]:
-    """Enter epoch 1 as the train stage's loop does: its freezing phase and lr factor, then the module
-    the training step calls (compiled if asked). Returns it and the number of trainable parameters."""
-    phase = phase_at(run.plan, 1)
-    trainable = apply_freeze(run.model, phase.freeze, cfg.arch, cfg.keep_imagenet_head)
-    if phase.lr_factor != 1:
-        scale_lr(run.optimizer, phase.lr_factor)
-    return wrap(run.model, rt, cfg.compile), trainable
+    """Enter epoch 1 as the train stage's loop does (`enter_phase`: its freezing phase and lr factor, then
+    the module the training step calls, compiled if asked). Returns it and the number of trainable parameters."""
+    progress = Progress()
+    enter_phase(run, cfg, rt, progress, 1, "benchmark")
+    return progress.net, progress.trainable
 
 
 class Pipeline:
