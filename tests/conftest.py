@@ -14,7 +14,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 MINI = SHARED_DATA / "tb-cxr-mini"
-PROJECT_FILES = ("stages", "cxrlab", "app", "studies", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/plots", ".dvcignore", ".gitignore")
+PROJECT_FILES = ("stages", "cxrlab", "app", "studies", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/plots",
+                 ".dvcignore", ".gitignore")
 
 COMMANDS = ("predict", "page", "study")  # cxrlab.cli.<name>; everything else is stages.<name>
 
@@ -55,7 +56,8 @@ def run(args: list[str], cwd: Path, check: bool = True, timeout: int = 900,
         extra_env: dict | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run(args, cwd=cwd, env=env(extra_env), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
 
 
@@ -63,7 +65,8 @@ def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProces
     return run([sys.executable, "-m", "dvc", *args], cwd=cwd, check=check)
 
 
-def stage(module: str, *args: str, cwd: Path, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
+def stage(module: str, *args: str, cwd: Path, check: bool = False,
+          env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a stage's module as DVC would (or a command: predict, page, study); `env` adds environment variables."""
     target = f"cxrlab.cli.{module}" if module in COMMANDS else f"stages.{module}"
     return run([sys.executable, "-m", target, *args], cwd=cwd, check=check, extra_env=env)

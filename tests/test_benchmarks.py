@@ -1,6 +1,7 @@
 """Smoke test of `python -m benchmarks.speed` at tiny sizes: it runs, and prints
 both sides of every comparison with their ratio (the numbers themselves are
-the benchmark's business, not the test's)."""
+the benchmark's business, not the test's); and its pipeline side is the run
+the train stage builds, whatever params say."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, run
+from tests.conftest import ROOT, TINY, copy_project, run, set_params
+
+pytestmark = pytest.mark.slow
 
 TINY_BENCH = ["--arch", "resnet18", "--image-size", "32", "--steps", "1", "--eval-images", "4",
               "--prepare-images", "40", "--distinct-images", "8", "--memory-images", "33", "--memory-steps", "1",
@@ -56,3 +59,33 @@ def test_json_holds_every_number_and_the_machine(bench):
     assert results["memory"]["peak_rss_gib"] > 0 and results["memory"]["train_images"] == 33
     assert "repro" not in results  # skipped
     assert not list(folder.glob("tbcxr-bench-*"))  # temporary projects removed
+
+
+def test_pipeline_side_is_the_train_stage_run(tmp_path, monkeypatch):
+    """The benchmark once built its own model, loss and optimiser and missed params that change what
+    trains; now head, freezing, class weights and the optimiser all follow params."""
+    import torch
+
+    from benchmarks.pipeline_run import Pipeline, first_epoch_net
+    from cxrlab.data.synthetic import make_dataset
+    from stages import download, prepare, preprocess, split
+
+    project = copy_project(tmp_path / "project")
+    set_params(project / "params.yaml", {
+        **TINY, "data.source": str(make_dataset(tmp_path / "source", n_per_class=10, size=32)),
+        "train.head_hidden": [16], "train.freeze": "head_only", "train.class_weights": {"Healthy": 1.0, "TB": 3.0},
+        "train.optimizer": "sgd", "train.scheduler": "step"})
+    monkeypatch.chdir(project)
+    for stage in (download, split, prepare, preprocess):  # in this process: seconds, not a torch import each
+        stage.main([])
+    monkeypatch.chdir(tmp_path)  # the benchmark runs from elsewhere: the project's folder must not matter
+    pipe = Pipeline(project, "cpu")
+    cfg = pipe.params.variant("baseline")
+    rt = pipe.runtime(cfg)
+    run = pipe.build(cfg, rt, cfg.seeds[0])
+    net, trainable = first_epoch_net(run, cfg, rt)
+    assert trainable == 512 * 16 + 16 + 16 * 2 + 2  # only the MLP head of resnet18 trains
+    assert trainable == sum(p.numel() for p in net.parameters() if p.requires_grad)
+    assert isinstance(run.optimizer, torch.optim.SGD) and run.scheduler is not None
+    assert run.loss_fn.ce.weight.tolist() == [1.0, 3.0]
+    assert run.image_size == 32 and len(run.loader.dataset) == len(pipe.fit)

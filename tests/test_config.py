@@ -76,5 +76,6 @@ def test_broken_yaml(params_file):
 
 def test_variants_merge_over_train_key_by_key():
     base = {"lr": 1, "augment": {"A": {"p": 1}, "B": {"p": 2}}}
-    assert deep_merge(base, {"augment": {"B": None, "C": {}}}) == {"lr": 1, "augment": {"A": {"p": 1}, "B": None, "C": {}}}
+    merged = deep_merge(base, {"augment": {"B": None, "C": {}}})
+    assert merged == {"lr": 1, "augment": {"A": {"p": 1}, "B": None, "C": {}}}
     assert base["augment"]["B"] == {"p": 2}  # not modified

@@ -134,7 +134,8 @@ def test_http_wrong_sha256_is_rejected_and_nothing_is_left(in_project, tmp_path,
     url, handler = server
     handler.files["/ds.zip"] = make_zip(tmp_path / "ds.zip", DATASET).read_bytes()
     set_params(in_project / "params.yaml", {"data.source": f"{url}/ds.zip", "data.sha256": "0" * 64})
-    with pytest.raises(UserError, match=r"sha256 of .*ds.zip is [0-9a-f]{64}, but data.sha256 is 0{64}; the file was deleted"):
+    with pytest.raises(UserError,
+                       match=r"sha256 of .*ds.zip is [0-9a-f]{64}, but data.sha256 is 0{64}; the file was deleted"):
         download.main([])
     assert not (in_project / "data" / "raw").exists()
     assert leftovers(in_project) == []

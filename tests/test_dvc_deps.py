@@ -58,7 +58,8 @@ def import_closure(module: str) -> set[str]:
 
 
 def needed(files: set[str]) -> set[str]:
-    return {f for f in files if f not in EXEMPT and not (f.endswith("__init__.py") and not (ROOT / f).read_text().strip())}
+    return {f for f in files
+            if f not in EXEMPT and not (f.endswith("__init__.py") and not (ROOT / f).read_text().strip())}
 
 
 def stage_code_deps() -> dict[str, tuple[set[str], set[str]]]:

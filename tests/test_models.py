@@ -29,8 +29,8 @@ from cxrlab.model.backbones import (
     save_checkpoint,
 )
 from cxrlab.model.losses import StudyLoss, l2_penalty
-from cxrlab.training.engine import predict
-from cxrlab.training.loop import make_loaders
+from cxrlab.training.build import Splits, make_loaders
+from cxrlab.training.engine import predict, train_one_epoch
 from cxrlab.training.runtime import Runtime
 from tests.conftest import ROOT
 
@@ -72,7 +72,7 @@ def test_each_variant_builds_its_model_and_training_transform(variant, fc_type, 
         assert isinstance(model.fc[1], nn.Linear) and model.fc[1].in_features == 2048
 
     split = tiny_split()
-    loader, val_loader, test_loader = make_loaders(cfg, split, split, split, CPU, seed=0)
+    loader, val_loader, test_loader = make_loaders(cfg, Splits(split, split, split), CPU, 0, LoaderSettings())
     transform = loader.dataset.transform
     if not augment:
         assert transform is None
@@ -90,7 +90,8 @@ def test_each_variant_builds_its_model_and_training_transform(variant, fc_type, 
 def test_evaluation_input_is_the_plain_normalised_image():
     split = tiny_split(size=32)
     model = build_model("resnet18", 2).eval()
-    loader = make_loaders(load_params(ROOT / "params.yaml").variant("contrast"), split, split, split, CPU, 0)[1]
+    cfg = load_params(ROOT / "params.yaml").variant("contrast")
+    loader = make_loaders(cfg, Splits(split, split, split), CPU, 0, LoaderSettings())[1]
     prob, labels = predict(model, loader, CPU, MEAN, STD)
     x = torch.from_numpy(split.images).float() / 255
     x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
@@ -121,7 +122,7 @@ def test_batches_come_back_in_sampler_order_with_their_labels():
 def test_shuffle_order_is_reseeded_per_epoch():
     split = tiny_split(n=20)
     cfg = load_params(ROOT / "params.yaml").variant("baseline")
-    loader = make_loaders(cfg, split, split, split, CPU, seed=0)[0]
+    loader = make_loaders(cfg, Splits(split, split, split), CPU, 0, LoaderSettings())[0]
 
     set_epoch(loader, 1)
     first = [img.sum().item() for img, _ in loader]
@@ -192,6 +193,24 @@ def test_study_loss_is_cross_entropy_plus_the_penalty():
     squares = sum((p ** 2).sum() for p in model.parameters())
     assert StudyLoss(model, 0.0)(logits, target).item() == pytest.approx(ce.item())
     assert StudyLoss(model, 0.01)(logits, target).item() == pytest.approx(ce.item() + 0.005 * squares.item())
+
+
+def test_an_epoch_reports_the_cross_entropy_and_the_l2_penalty_apart():
+    """train/loss must compare across variants: the penalty (about 13 here) is its own number."""
+    split = tiny_split(n=8, size=32)
+    cfg = load_params(ROOT / "params.yaml").variant("regu_penalty")
+    stats = {}
+    for lam in (0.0, cfg.l2_penalty):
+        torch.manual_seed(0)
+        model = build_model("resnet18", 2)
+        penalty = l2_penalty(model, lam).item()
+        loader = make_loaders(cfg, Splits(split, split, split), CPU, 0, LoaderSettings())[0]
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights, hence the penalty, stay put
+        stats[lam] = train_one_epoch(model, loader, optimizer, StudyLoss(model, lam), CPU, MEAN, STD, 2)
+    plain, penalised = stats[0.0], stats[cfg.l2_penalty]
+    assert "l2_penalty" not in plain
+    assert penalised["l2_penalty"] == pytest.approx(penalty) and penalty > 5
+    assert penalised["loss"] == pytest.approx(plain["loss"]) and penalised["loss"] < 2
 
 
 def test_checkpoint_round_trip_loads_safely(tmp_path):

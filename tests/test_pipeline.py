@@ -71,7 +71,8 @@ def test_metrics_are_complete_and_in_range(reproduced):
             assert 0 <= r["ece"] <= 1
             op = r["operating_point"]
             assert 0 <= op["threshold"] <= 1 and op["val"]["sensitivity"] >= 0.9
-            assert op["test"]["sensitivity_ci"]["low"] <= op["test"]["sensitivity"] <= op["test"]["sensitivity_ci"]["high"]
+            ci = op["test"]["sensitivity_ci"]
+            assert ci["low"] <= op["test"]["sensitivity"] <= ci["high"]
             assert op["meets_who_tpp"] == (op["test"]["sensitivity"] >= 0.9 and op["test"]["specificity"] >= 0.7)
         train = json.loads((project / "metrics/train" / v / "metrics.json").read_text())
         assert train["seeds"]["seed_42"]["best"]["epoch"] == m["best"]["epoch"]

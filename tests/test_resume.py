@@ -28,7 +28,8 @@ def outputs(project: Path) -> dict:
     for tsv in sorted((project / "metrics/train" / VARIANT / "seeds/seed_42/plots/metrics").rglob("*.tsv")):
         if tsv.name != "images_per_s.tsv":
             with open(tsv) as f:
-                curves[tsv.name + str(tsv.parent.name)] = [(r["step"], r[tsv.stem]) for r in csv.DictReader(f, delimiter="\t")]
+                curves[tsv.name + str(tsv.parent.name)] = [(r["step"], r[tsv.stem])
+                                                           for r in csv.DictReader(f, delimiter="\t")]
     result["curves"] = curves
     return result
 

@@ -175,7 +175,7 @@ def test_resnet_guide_study_freezing_progressive_and_ensembles(tmp_path, monkeyp
     assert trainable[0] == 2048 * 2 + 2 and trainable[0] < trainable[1] < trainable[2] == 23_512_130
     assert log_column(project, "progressive", "lr") == pytest.approx([0.01, 0.001, 0.0001])
     assert log_column(project, "head_only", "trainable_params") == [2048 * 2 + 2] * 3
-    for name, voting in (("soft_vote", "soft"), ("hard_vote", "hard")):
+    for name in ("soft_vote", "hard_vote"):
         assert report(project, name)["best"]["n"] == report(project, "full")["best"]["n"]
 
 

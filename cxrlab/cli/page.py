@@ -35,5 +35,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.execve(sys.executable, command(args.address, args.port), env)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `cxr-page` console script: a mistake the user can fix is one line, not a traceback."""
     run_stage(main, "page")
+
+
+if __name__ == "__main__":
+    run()

@@ -82,6 +82,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"predict: wrote {args.out}" + (f" ({len(skipped)} files skipped)" if skipped else ""))
 
 
+def run() -> None:
+    """The `cxr-predict` console script: a mistake the user can fix is one line, not a traceback."""
+    run_stage(main, "predict")
+
 
 if __name__ == "__main__":
-    run_stage(main, "predict")
+    run()

@@ -59,5 +59,10 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"`git checkout {params}` undoes it.")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `cxr-study` console script: a mistake the user can fix is one line, not a traceback."""
     run_stage(main, "study")
+
+
+if __name__ == "__main__":
+    run()

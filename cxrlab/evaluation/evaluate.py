@@ -201,6 +201,7 @@ def report_and_write(title: str, out: Path, header: dict, seeds: list[Hashable],
         op = m.get("operating_point")
         if op:
             line += (f"; at threshold {op['threshold']:.3f}: sensitivity {op['test']['sensitivity']:.4f}, "
-                     f"specificity {op['test']['specificity']:.4f}, WHO TPP {'met' if op['meets_who_tpp'] else 'not met'}")
+                     f"specificity {op['test']['specificity']:.4f}, "
+                     f"WHO TPP {'met' if op['meets_who_tpp'] else 'not met'}")
         print(line)
 

@@ -195,7 +195,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> nn.Module:
     """Rebuild the checkpoint's model and load its weights (strictly)."""
     model = build_model(ckpt["arch"], len(ckpt["classes"]), ckpt["dropout"],
-                        head_hidden=ckpt.get("head_hidden", ()), keep_imagenet_head=ckpt.get("keep_imagenet_head", False),
+                        head_hidden=ckpt.get("head_hidden", ()),
+                        keep_imagenet_head=ckpt.get("keep_imagenet_head", False),
                         image_size=ckpt["image_size"])
     try:
         model.load_state_dict(ckpt["model"])

@@ -150,7 +150,8 @@ def summary_table(variants, evals, trains, flops, classes, positive, comparison_
     if any(ops.values()):
         op0 = next(o for o in ops.values() if o)
         tpp = op0["who_tpp"]
-        lines += ["", f"## Operating point: threshold chosen on validation for sensitivity ≥ {op0['target_sensitivity']}",
+        lines += ["",
+                  f"## Operating point: threshold chosen on validation for sensitivity ≥ {op0['target_sensitivity']}",
                   "",
                   (f"WHO target product profile for a TB triage test: sensitivity ≥ {tpp['sensitivity']}, "
                   f"specificity ≥ {tpp['specificity']}. 'met' compares the point estimates; 'met at CI low' the "

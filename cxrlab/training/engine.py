@@ -19,16 +19,22 @@ from tqdm import tqdm
 from cxrlab.data.datasets import to_model_input
 from cxrlab.evaluation.stats import metrics_from_confusion
 from cxrlab.model.freezing import train_mode
+from cxrlab.model.losses import total
 from cxrlab.training.runtime import Runtime
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     loss_fn: nn.Module, rt: Runtime, mean, std, num_classes: int,
                     accumulate_steps: int = 1, desc: str = "train") -> dict:
-    """Train over `loader` once; returns loss, confusion counts and images/s (all ranks summed).
-    Frozen batch-norm layers stay in eval mode."""
+    """Train over `loader` once; returns the mean of each loss term per image (`loss` is the
+    cross-entropy, `l2_penalty` the penalty when there is one), confusion counts and images/s
+    (all ranks summed). Frozen batch-norm layers stay in eval mode.
+
+    `loss_fn` is a `StudyLoss`, or any loss module (its value then counts as the cross-entropy).
+    """
     train_mode(model)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
+    names = ["cross_entropy"] + (["l2_penalty"] if getattr(loss_fn, "l2_lambda", 0) > 0 else [])
+    sums = torch.zeros(len(names), dtype=torch.float64, device=rt.device)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=rt.device)
     seen = 0
     steps = len(loader)
@@ -43,7 +49,11 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         with sync:
             with rt.autocast():
                 logits = model(x)
-            loss = loss_fn(logits, y)
+            if hasattr(loss_fn, "terms"):
+                terms = loss_fn.terms(logits, y)
+            else:
+                terms = {"cross_entropy": loss_fn(logits, y)}
+            loss = total(terms)
             scaled = loss / accumulate_steps
             (rt.scaler.scale(scaled) if rt.scaler else scaled).backward()
         if boundary:
@@ -54,7 +64,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            loss_sum += loss.detach().double() * len(y)
+            sums += torch.stack([terms[name].detach().double() for name in names]) * len(y)
             pred = logits.argmax(dim=1)
             confusion += torch.bincount(y * num_classes + pred, minlength=num_classes ** 2).view(
                 num_classes, num_classes)
@@ -62,18 +72,20 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         if rt.is_main and (time.perf_counter() - shown >= 1 or step + 1 == steps):
             # the mean over the epoch so far (this process's batches), not one batch's noisy value
             shown = time.perf_counter()
-            bar.set_postfix(mean_loss=f"{loss_sum.item() / seen:.4f}",
+            bar.set_postfix(mean_loss=f"{sums[0].item() / seen:.4f}",
                             img_s=f"{seen * rt.world_size / max(shown - start, 1e-9):.0f}", refresh=False)
     bar.close()
     if rt.device.type == "cuda":
         torch.cuda.synchronize(rt.device)
     seconds = time.perf_counter() - start
-    totals = torch.cat([loss_sum.view(1), torch.tensor([seen], dtype=torch.float64, device=rt.device)])
+    totals = torch.cat([sums, torch.tensor([seen], dtype=torch.float64, device=rt.device)])
     if rt.distributed:
         dist.all_reduce(totals)
         dist.all_reduce(confusion)
-    n = int(totals[1].item())
-    return {"loss": totals[0].item() / max(n, 1), "confusion": confusion.cpu().numpy(),
+    n = int(totals[-1].item())
+    means = {"loss" if name == "cross_entropy" else name: totals[i].item() / max(n, 1)
+             for i, name in enumerate(names)}
+    return {**means, "confusion": confusion.cpu().numpy(),
             "images": n, "seconds": seconds, "images_per_s": n / max(seconds, 1e-9)}
 
 

@@ -3,7 +3,9 @@
 The variant's settings are `train` with `experiments.<variant>` merged over
 it. Every epoch trains on `subset=train` of the training split, scores the
 validation hold-out (`subset=val`) and logs to DVCLive:
-loss, accuracy and F1 on train and validation, per-class validation
+loss (the cross-entropy; an L2 penalty is logged apart as `train/l2_penalty`,
+so `train/loss` compares across variants), accuracy and F1 on train and
+validation, per-class validation
 precision, recall, specificity and F1, learning rate, trainable parameters,
 images/s. The best epoch is chosen on validation (`train.select_metric`,
 ties to the lower validation loss), never on the test set; `train.patience`
@@ -33,12 +35,11 @@ is the same as an uninterrupted run.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,52 +48,23 @@ from dvclive import Live
 from cxrlab import paths
 from cxrlab.config.load import Params
 from cxrlab.config.schema import DataParams, TrainParams
-from cxrlab.data.datasets import (
-    ImageArrayDataset,
-    LoaderSettings,
-    Split,
-    build_augment,
-    eval_batch_size,
-    load_split,
-    loader_settings,
-    make_loader,
-    prepared_image_size,
-    set_epoch,
-)
+from cxrlab.data.datasets import LoaderSettings, load_split, loader_settings, set_epoch
 from cxrlab.errors import UserError
 from cxrlab.evaluation.metrics import classification_metrics
 from cxrlab.io.fsio import atomic_dir, check_writable, remove, write_json
 from cxrlab.model.backbones import (
-    build_model,
     checkpoint_meta,
     count_parameters,
-    load_checkpoint,
     save_checkpoint,
 )
-from cxrlab.model.freezing import apply_freeze, phase_at, phases
-from cxrlab.model.losses import StudyLoss, class_weights
-from cxrlab.model.optim import make_optimizer, make_scheduler, scale_lr
+from cxrlab.model.freezing import Phase, apply_freeze, phase_at
+from cxrlab.model.optim import scale_lr
+from cxrlab.training.build import Splits, TrainingRun, build_run
 from cxrlab.training.engine import confusion_summary, predict, train_one_epoch
+from cxrlab.training.resume import resumable, run_fingerprint, truncate_log
 from cxrlab.training.runtime import Runtime, seed_all, setup, teardown, torchrun_command
 
 HIGHER_IS_BETTER = {"f1": True, "macro_f1": True, "accuracy": True, "roc_auc": True, "loss": False}
-
-
-def make_loaders(cfg: TrainParams, fit: Split, val: Split, test: Split, rt: Runtime, seed: int):
-    """Training loader (augmented, shuffled, sharded under DDP); validation and test
-    loaders (never augmented, in one process; the test loader only when `log_test_curve`)."""
-    augment = build_augment(cfg.augmentations)
-    settings = loader_settings(cfg, rt.device)
-    loader = make_loader(ImageArrayDataset(fit, augment), cfg.batch_size, shuffle=True, seed=seed,
-                         settings=settings, rank=rt.rank, world_size=rt.world_size, balanced=cfg.balanced_sampler)
-    eval_batch = eval_batch_size("auto", rt.device)
-    plain_settings = LoaderSettings(pin_memory=settings.pin_memory)
-
-    def plain(split: Split):
-        return make_loader(ImageArrayDataset(split), eval_batch, shuffle=False, seed=seed, settings=plain_settings)
-
-    return (loader, plain(val) if len(val) else None,
-            plain(test) if cfg.log_test_curve else None)
 
 
 def selection_key(metrics: dict, metric: str) -> tuple[float, float]:
@@ -103,13 +75,14 @@ def selection_key(metrics: dict, metric: str) -> tuple[float, float]:
 
 
 def format_eta(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
 def train_variant(variant: str, params: Params) -> None:
+    """Train every seed of `variant` (data-parallel under torchrun when asked) and write its summary."""
     cfg = params.variant(variant)
     check_writable(paths.train_dir(variant) / "metrics.json",  # before hours of training, not after
                    *(out for seed in cfg.seeds for out in (paths.checkpoint(variant, seed, "best").parent,
@@ -127,12 +100,13 @@ def train_variant(variant: str, params: Params) -> None:
 
     rt = setup(cfg.device, cfg.amp, cfg.channels_last, cfg.deterministic)
     try:
-        fit, val = train_split.subset("train"), train_split.subset("val")
-        if len(fit) == 0:
+        splits = Splits(train_split.subset("train"), train_split.subset("val"), test_split)
+        if len(splits.fit) == 0:
             raise UserError(f"{paths.PREPARED}/train.csv has no rows with subset=train; lower data.val_fraction")
+        loading = loader_settings(cfg, rt.device)
         runs = {}
         for i, seed in enumerate(cfg.seeds):
-            runs[f"seed_{seed}"] = train_run(variant, cfg, seed, params.data, rt, fit, val, test_split,
+            runs[f"seed_{seed}"] = train_run(variant, cfg, seed, params.data, rt, splits, loading,
                                              runs_after=len(cfg.seeds) - 1 - i)
         if rt.is_main:
             write_json(paths.train_dir(variant) / "metrics.json",
@@ -141,33 +115,71 @@ def train_variant(variant: str, params: Params) -> None:
         teardown()
 
 
-def train_run(variant: str, cfg: TrainParams, seed: int, data: DataParams, rt: Runtime,
-              fit: Split, val: Split, test: Split, runs_after: int = 0) -> dict | None:
-    """Train one seed of a variant; returns its summary (on rank 0)."""
+@dataclass
+class Progress:
+    """Where a run stands after its latest finished epoch: what a resume restores and the summary reports."""
+
+    first_epoch: int = 1
+    best_key: tuple | None = None
+    best: dict | None = None
+    study: dict | None = None
+    last_epoch: int = 0
+    stop: bool = False
+    phase: Phase | None = None
+    net: torch.nn.Module | None = None
+    trainable: int = 0
+
+
+def train_run(variant: str, cfg: TrainParams, seed: int, data: DataParams, rt: Runtime, splits: Splits,
+              loading: LoaderSettings, runs_after: int = 0) -> dict | None:
+    """Train one seed of a variant; returns its summary (on rank 0).
+
+    The steps: build, resume or start, then per epoch train, validate, select,
+    log and checkpoint; finally publish.
+    """
     seed_all(seed)
-    classes = fit.classes
-    positive = classes.index(data.positive_class)
-    loader, val_loader, test_loader = make_loaders(cfg, fit, val, test, rt, seed)
-
-    image_size = prepared_image_size()
-    model = build_model(cfg.arch, len(classes), cfg.dropout, cfg.pretrained, head_hidden=cfg.head_hidden,
-                        keep_imagenet_head=cfg.keep_imagenet_head, image_size=image_size).to(rt.device)
-    if rt.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if rt.distributed and cfg.sync_batchnorm and rt.device.type == "cuda":  # PyTorch syncs on GPUs only
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    weights = class_weights(cfg.class_weights, fit.labels, classes)
-    loss_fn = StudyLoss(model, cfg.l2_penalty, weights).to(rt.device)
-    optimizer = make_optimizer(model.parameters(), cfg)  # frozen parameters get no gradient, so no update
-    scheduler = make_scheduler(optimizer, cfg)
-    plan = phases(cfg.freeze, [p.model_dump() for p in cfg.progressive])
-
-    meta = checkpoint_meta(cfg.arch, cfg.dropout, classes, image_size, data.mean, data.std,
-                           head_hidden=cfg.head_hidden, keep_imagenet_head=cfg.keep_imagenet_head,
-                           variant=variant, seed=seed)
+    run = build_run(cfg, data, rt, splits, seed, loading)
     name = f"{variant} seed {seed}"
     state_dir = paths.train_state(variant, seed)
+    meta = checkpoint_meta(cfg.arch, cfg.dropout, run.classes, run.image_size, data.mean, data.std,
+                           head_hidden=cfg.head_hidden, keep_imagenet_head=cfg.keep_imagenet_head,
+                           variant=variant, seed=seed)
     fingerprint = run_fingerprint(cfg, data, seed)
+    progress = resume_or_start(run, cfg, rt, state_dir, fingerprint, name)
+    if rt.is_main:
+        announce(run, cfg, rt, splits, name)
+    live = open_log(state_dir, progress, rt)
+    started = time.perf_counter()
+    progress.stop = stops_early(cfg.patience, progress.best, progress.last_epoch)
+    for epoch in range(progress.first_epoch, cfg.epochs + 1):
+        if progress.stop:
+            break
+        enter_phase(run, cfg, rt, progress, epoch, name)
+        stats, lr = train_epoch(run, cfg, data, rt, progress, seed, epoch, name)
+        if not rt.is_main:
+            progress.stop = agree_to_stop(False, rt)
+            continue
+        row, val_metrics = validate(run, data, rt, progress, stats, epoch)
+        row.update({"lr": lr, "trainable_params": progress.trainable, "images_per_s": stats["images_per_s"]})
+        summary = select(run, cfg, progress, val_metrics, state_dir, meta, epoch)
+        log_epoch(live, row)
+        checkpoint(run, rt, progress, state_dir, meta, fingerprint, epoch, summary)
+        report(cfg, progress, stats, row, val_metrics, lr, epoch, name, started, runs_after)
+        progress.last_epoch = epoch
+        progress.stop = agree_to_stop(stops_early(cfg.patience, progress.best, epoch), rt)
+        if progress.stop and epoch < cfg.epochs:
+            print(f"train {name}: no better val/{cfg.select_metric} for {cfg.patience} epochs "
+                  f"since epoch {progress.best['epoch']}; stopping early after epoch {epoch}")
+    if live is None:
+        return None
+    live.end()
+    publish(state_dir, variant, seed)
+    return run_summary(cfg, progress, name, variant, seed)
+
+
+def resume_or_start(run: TrainingRun, cfg: TrainParams, rt: Runtime, state_dir: Path, fingerprint: str,
+                    name: str) -> Progress:
+    """Continue the interrupted run in `state_dir` when asked and possible; otherwise start afresh there."""
     state = resumable(state_dir / "last.pt", fingerprint, cfg.epochs, name) if cfg.resume else None
     if rt.distributed:
         torch.distributed.barrier()  # rank 0 may clear the folder below only after every rank has read it
@@ -175,124 +187,151 @@ def train_run(variant: str, cfg: TrainParams, seed: int, data: DataParams, rt: R
         if state is None:
             remove(state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
-        print(f"train {name}: {cfg.arch}, {count_parameters(model):,} parameters, on {rt.describe()}; "
-              f"{len(fit)} training and {len(val)} validation images, batch {cfg.batch_size}"
-              f"{f' x {cfg.accumulate_steps} steps' if cfg.accumulate_steps > 1 else ''}"
-              f"{f' x {rt.world_size} processes' if rt.distributed else ''}, {loader.num_workers} loader workers")
-        if not len(val):
-            print(f"train {name}: data.val_fraction is 0, so there is no validation set; "
-                  "the last epoch stands in for the best")
-        if weights is not None:
-            print(f"train {name}: class weights " + ", ".join(f"{c} {w:.3f}" for c, w in zip(classes, weights.tolist())))
-
-    best_key, best, study, first_epoch = None, None, None, 1
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["resume"]["scheduler"])
-        if rt.scaler is not None and state["resume"].get("scaler"):
-            rt.scaler.load_state_dict(state["resume"]["scaler"])
-        r = state["resume"]
-        best_key, best, study = tuple(r["best_key"]), r["best"], r["study"]
-        first_epoch = int(state["epoch"]) + 1
-        if rt.is_main:
-            print(f"train {name}: resuming after epoch {state['epoch']} from {state_dir}")
-    live = None
+    if state is None:
+        return Progress()
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    r = state["resume"]
+    if run.scheduler is not None:
+        run.scheduler.load_state_dict(r["scheduler"])
+    if rt.scaler is not None and r.get("scaler"):
+        rt.scaler.load_state_dict(r["scaler"])
+    first_epoch = int(state["epoch"]) + 1
     if rt.is_main:
-        live = Live(str(state_dir / "log"), dvcyaml=False, save_dvc_exp=False, resume=state is not None)
-        if state is not None:
-            truncate_log(state_dir / "log", first_epoch - 1)
-            live.step = first_epoch - 1
-    started = time.perf_counter()
-    phase, net, trainable = phase_at(plan, first_epoch - 1) if first_epoch > 1 else None, None, 0
-    last_epoch = first_epoch - 1
-    stop = stops_early(cfg.patience, best, last_epoch)
-    for epoch in range(first_epoch, cfg.epochs + 1):
-        if stop:
-            break
-        now = phase_at(plan, epoch)
-        if net is None or now != phase:
-            trainable = apply_freeze(model, now.freeze, cfg.arch, cfg.keep_imagenet_head)
-            if phase is not None and now != phase and now.lr_factor != phase.lr_factor:
-                scale_lr(optimizer, now.lr_factor / phase.lr_factor)
-            elif phase is None and now.lr_factor != 1:
-                scale_lr(optimizer, now.lr_factor)
-            if rt.is_main and (len(plan) > 1 or now.freeze != "none"):
-                print(f"train {name}: from epoch {epoch}, freeze {now.freeze}, lr x {now.lr_factor:g}: "
-                      f"{trainable:,} trainable parameters")
-            phase, net = now, wrap(model, rt, cfg.compile)  # DDP must see which parameters train
-        seed_all(seed, epoch)
-        set_epoch(loader, epoch)
-        stats = train_one_epoch(net, loader, optimizer, loss_fn, rt, data.mean, data.std, len(classes),
-                                cfg.accumulate_steps, desc=f"{name} epoch {epoch}/{cfg.epochs}")
-        lr = optimizer.param_groups[0]["lr"]
-        if scheduler is not None:
-            scheduler.step()
-        if not rt.is_main:
-            stop = agree_to_stop(False, rt)
-            continue
+        print(f"train {name}: resuming after epoch {state['epoch']} from {state_dir}")
+    # the phase of the last finished epoch: the optimiser's lr already carries its factor
+    return Progress(first_epoch=first_epoch, best_key=tuple(r["best_key"]), best=r["best"], study=r["study"],
+                    last_epoch=first_epoch - 1, phase=phase_at(run.plan, first_epoch - 1))
 
-        row = {"train/loss": stats["loss"], **{f"train/{k}": v for k, v in
-                                                 confusion_summary(stats["confusion"], positive).items()}}
-        val_metrics = None
-        if val_loader is not None:
-            prob, y = predict(model, val_loader, rt, data.mean, data.std)
-            val_metrics = classification_metrics(y, prob, classes, data.positive_class)
-            val_metrics["macro_f1"] = val_metrics["macro"]["f1"]
-            row.update({f"val/{k}": val_metrics[k] for k in ("loss", "accuracy", "f1", "macro_f1", "roc_auc")})
-            row.update({f"val/{c}/{k}": val_metrics["per_class"][k][c]
-                        for c in classes for k in ("precision", "recall", "specificity", "f1")})
-        if test_loader is not None:
-            prob, y = predict(model, test_loader, rt, data.mean, data.std)
-            test_metrics = classification_metrics(y, prob, classes, data.positive_class)
-            row.update({f"test_curve/{k}": test_metrics[k] for k in ("accuracy", "f1")})
-            if study is None or test_metrics["f1"] > study["test_f1"]:
-                study = {"epoch": epoch, "test_accuracy": test_metrics["accuracy"],
-                         "test_f1": test_metrics["f1"], "confusion_matrix": test_metrics["confusion_matrix"]}
-        row["lr"] = lr
-        row["trainable_params"] = trainable
-        row["images_per_s"] = stats["images_per_s"]
-        for metric, value in row.items():
-            if value is not None:
-                live.log_metric(metric, value, plot=True)
 
-        summary = {"epoch": epoch, "val": _brief(val_metrics)}
-        key = selection_key(val_metrics, cfg.select_metric) if val_metrics else (epoch, 0.0)
-        if best_key is None or key > best_key:
-            best_key, best = key, summary
-            save_checkpoint(state_dir / "best.pt", model, meta, epoch=epoch, metrics=summary)
-        live.next_step()
-        # last.pt last: whatever an interruption hits, it names the newest complete epoch
-        save_checkpoint(state_dir / "last.pt", model, meta, epoch=epoch, metrics=summary,
-                        optimizer=optimizer.state_dict(),
-                        resume={"fingerprint": fingerprint, "best_key": list(best_key), "best": best,
-                                "study": study, "scaler": rt.scaler.state_dict() if rt.scaler else None,
-                                "scheduler": scheduler.state_dict() if scheduler else None})
+def announce(run: TrainingRun, cfg: TrainParams, rt: Runtime, splits: Splits, name: str) -> None:
+    print(f"train {name}: {cfg.arch}, {count_parameters(run.model):,} parameters, on {rt.describe()}; "
+          f"{len(splits.fit)} training and {len(splits.val)} validation images, batch {cfg.batch_size}"
+          f"{f' x {cfg.accumulate_steps} steps' if cfg.accumulate_steps > 1 else ''}"
+          f"{f' x {rt.world_size} processes' if rt.distributed else ''}, {run.loader.num_workers} loader workers")
+    if not len(splits.val):
+        print(f"train {name}: data.val_fraction is 0, so there is no validation set; "
+              "the last epoch stands in for the best")
+    if run.class_weights is not None:
+        print(f"train {name}: class weights "
+              + ", ".join(f"{c} {w:.3f}" for c, w in zip(run.classes, run.class_weights.tolist())))
 
-        elapsed = time.perf_counter() - started
-        done = epoch - first_epoch + 1
-        eta = elapsed / done * (cfg.epochs - epoch + runs_after * cfg.epochs)
-        val_text = (f" | val loss {val_metrics['loss']:.4f} acc {val_metrics['accuracy']:.4f} "
-                    f"f1 {val_metrics['f1']:.4f}" if val_metrics else "")
-        print(f"{name} epoch {epoch}/{cfg.epochs}: train loss {stats['loss']:.4f} "
-              f"acc {row['train/accuracy']:.4f}{val_text} | lr {lr:.3g} | {stats['images_per_s']:.1f} img/s | "
-              f"elapsed {format_eta(elapsed)}, ETA {format_eta(eta)}", flush=True)
-        last_epoch = epoch
-        stop = agree_to_stop(stops_early(cfg.patience, best, epoch), rt)
-        if stop and epoch < cfg.epochs:
-            print(f"train {name}: no better val/{cfg.select_metric} for {cfg.patience} epochs "
-                  f"since epoch {best['epoch']}; stopping early after epoch {epoch}")
 
-    if live is None:
+def open_log(state_dir: Path, progress: Progress, rt: Runtime) -> Live | None:
+    """The DVCLive log of the run (rank 0 only), continued after the last finished epoch on a resume."""
+    if not rt.is_main:
         return None
-    live.end()
-    publish(state_dir, variant, seed)
-    result = {"best": best, "epochs_trained": last_epoch, "trainable_params": trainable}
-    if study is not None:
+    resumed = progress.first_epoch > 1
+    live = Live(str(state_dir / "log"), dvcyaml=False, save_dvc_exp=False, resume=resumed)
+    if resumed:
+        truncate_log(state_dir / "log", progress.first_epoch - 1)
+        live.step = progress.first_epoch - 1
+    return live
+
+
+def enter_phase(run: TrainingRun, cfg: TrainParams, rt: Runtime, progress: Progress, epoch: int, name: str) -> None:
+    """Apply the freezing phase of `epoch` (and its lr factor) when it starts one; wrap the model to train."""
+    now = phase_at(run.plan, epoch)
+    if progress.net is not None and now == progress.phase:
+        return
+    phase = progress.phase
+    progress.trainable = apply_freeze(run.model, now.freeze, cfg.arch, cfg.keep_imagenet_head)
+    if phase is not None and now != phase and now.lr_factor != phase.lr_factor:
+        scale_lr(run.optimizer, now.lr_factor / phase.lr_factor)
+    elif phase is None and now.lr_factor != 1:
+        scale_lr(run.optimizer, now.lr_factor)
+    if rt.is_main and (len(run.plan) > 1 or now.freeze != "none"):
+        print(f"train {name}: from epoch {epoch}, freeze {now.freeze}, lr x {now.lr_factor:g}: "
+              f"{progress.trainable:,} trainable parameters")
+    progress.phase, progress.net = now, wrap(run.model, rt, cfg.compile)  # DDP must see which parameters train
+
+
+def train_epoch(run: TrainingRun, cfg: TrainParams, data: DataParams, rt: Runtime, progress: Progress,
+                seed: int, epoch: int, name: str) -> tuple[dict, float]:
+    """One pass over the training loader, then one step of the schedule; returns its stats and the lr it used."""
+    seed_all(seed, epoch)
+    set_epoch(run.loader, epoch)
+    stats = train_one_epoch(progress.net, run.loader, run.optimizer, run.loss_fn, rt, data.mean, data.std,
+                            len(run.classes), cfg.accumulate_steps, desc=f"{name} epoch {epoch}/{cfg.epochs}")
+    lr = run.optimizer.param_groups[0]["lr"]
+    if run.scheduler is not None:
+        run.scheduler.step()
+    return stats, lr
+
+
+def validate(run: TrainingRun, data: DataParams, rt: Runtime, progress: Progress, stats: dict,
+             epoch: int) -> tuple[dict, dict | None]:
+    """The epoch's log row (training, validation and test-curve metrics) and the validation metrics."""
+    positive = run.classes.index(data.positive_class)
+    # train/loss is the cross-entropy alone, comparable across variants; an L2 penalty is its own curve
+    row = {"train/loss": stats["loss"], "train/l2_penalty": stats.get("l2_penalty"),
+           **{f"train/{k}": v for k, v in confusion_summary(stats["confusion"], positive).items()}}
+    val_metrics = None
+    if run.val_loader is not None:
+        prob, y = predict(run.model, run.val_loader, rt, data.mean, data.std)
+        val_metrics = classification_metrics(y, prob, run.classes, data.positive_class)
+        val_metrics["macro_f1"] = val_metrics["macro"]["f1"]
+        row.update({f"val/{k}": val_metrics[k] for k in ("loss", "accuracy", "f1", "macro_f1", "roc_auc")})
+        row.update({f"val/{c}/{k}": val_metrics["per_class"][k][c]
+                    for c in run.classes for k in ("precision", "recall", "specificity", "f1")})
+    if run.test_loader is not None:
+        prob, y = predict(run.model, run.test_loader, rt, data.mean, data.std)
+        test_metrics = classification_metrics(y, prob, run.classes, data.positive_class)
+        row.update({f"test_curve/{k}": test_metrics[k] for k in ("accuracy", "f1")})
+        if progress.study is None or test_metrics["f1"] > progress.study["test_f1"]:
+            progress.study = {"epoch": epoch, "test_accuracy": test_metrics["accuracy"],
+                              "test_f1": test_metrics["f1"], "confusion_matrix": test_metrics["confusion_matrix"]}
+    return row, val_metrics
+
+
+def select(run: TrainingRun, cfg: TrainParams, progress: Progress, val_metrics: dict | None, state_dir: Path,
+           meta: dict, epoch: int) -> dict:
+    """Keep the epoch as best.pt when it beats the best so far on validation; returns its summary."""
+    summary = {"epoch": epoch, "val": _brief(val_metrics)}
+    key = selection_key(val_metrics, cfg.select_metric) if val_metrics else (epoch, 0.0)
+    if progress.best_key is None or key > progress.best_key:
+        progress.best_key, progress.best = key, summary
+        save_checkpoint(state_dir / "best.pt", run.model, meta, epoch=epoch, metrics=summary)
+    return summary
+
+
+def log_epoch(live: Live, row: dict) -> None:
+    for metric, value in row.items():
+        if value is not None:
+            live.log_metric(metric, value, plot=True)
+    live.next_step()
+
+
+def checkpoint(run: TrainingRun, rt: Runtime, progress: Progress, state_dir: Path, meta: dict, fingerprint: str,
+               epoch: int, summary: dict) -> None:
+    """last.pt last: whatever an interruption hits, it names the newest complete epoch."""
+    save_checkpoint(state_dir / "last.pt", run.model, meta, epoch=epoch, metrics=summary,
+                    optimizer=run.optimizer.state_dict(),
+                    resume={"fingerprint": fingerprint, "best_key": list(progress.best_key), "best": progress.best,
+                            "study": progress.study, "scaler": rt.scaler.state_dict() if rt.scaler else None,
+                            "scheduler": run.scheduler.state_dict() if run.scheduler else None})
+
+
+def report(cfg: TrainParams, progress: Progress, stats: dict, row: dict, val_metrics: dict | None, lr: float,
+           epoch: int, name: str, started: float, runs_after: int) -> None:
+    """One line per epoch: losses, accuracy, F1, lr, speed, elapsed time and the ETA of the stage."""
+    elapsed = time.perf_counter() - started
+    done = epoch - progress.first_epoch + 1
+    eta = elapsed / done * (cfg.epochs - epoch + runs_after * cfg.epochs)
+    val_text = (f" | val loss {val_metrics['loss']:.4f} acc {val_metrics['accuracy']:.4f} "
+                f"f1 {val_metrics['f1']:.4f}" if val_metrics else "")
+    print(f"{name} epoch {epoch}/{cfg.epochs}: train loss {stats['loss']:.4f} "
+          f"acc {row['train/accuracy']:.4f}{val_text} | lr {lr:.3g} | {stats['images_per_s']:.1f} img/s | "
+          f"elapsed {format_eta(elapsed)}, ETA {format_eta(eta)}", flush=True)
+
+
+def run_summary(cfg: TrainParams, progress: Progress, name: str, variant: str, seed: int) -> dict:
+    result = {"best": progress.best, "epochs_trained": progress.last_epoch, "trainable_params": progress.trainable}
+    if progress.study is not None:
         result["study_protocol"] = {
-            **study, "note": "epoch chosen by test F1 as in the study; leaks the test set, for comparison only"}
-    print(f"train {name}: best epoch {best['epoch']} by val/{cfg.select_metric}; "
+            **progress.study,
+            "note": "epoch chosen by test F1 as in the study; leaks the test set, for comparison only"}
+    print(f"train {name}: best epoch {progress.best['epoch']} by val/{cfg.select_metric}; "
           f"checkpoints in {paths.checkpoint(variant, seed, 'best').parent}")
     return result
 
@@ -318,47 +357,6 @@ def agree_to_stop(stop: bool, rt: Runtime) -> bool:
     flag = torch.tensor([int(stop)], device=rt.device)
     torch.distributed.broadcast(flag, src=0)
     return bool(flag.item())
-
-
-def run_fingerprint(cfg: TrainParams, data: DataParams, seed: int) -> str:
-    """What a resumed run must share with the interrupted one: every setting that
-    changes the numbers, and the prepared data."""
-    settings = cfg.model_dump(exclude={"resume", "seeds", "num_workers", "pin_memory", "persistent_workers",
-                                       "prefetch_factor", "log_test_curve"})
-    digest = hashlib.sha256(json.dumps({"train": settings, "seed": seed, "positive": data.positive_class,
-                                        "mean": data.mean, "std": data.std}, sort_keys=True).encode())
-    for name in ("train.csv", "test.csv", "meta.json"):
-        digest.update((paths.PREPARED / name).read_bytes())
-    return digest.hexdigest()
-
-
-def resumable(last: Path, fingerprint: str, epochs: int, name: str) -> dict | None:
-    """The interrupted run's last checkpoint if it can be continued, else None (and why)."""
-    if not last.is_file():
-        print(f"train {name}: train.resume is on but there is no interrupted run in {last.parent}; starting afresh")
-        return None
-    try:
-        state = load_checkpoint(last)
-    except UserError as err:
-        print(f"train {name}: cannot resume ({err}); starting afresh")
-        return None
-    if state.get("resume", {}).get("fingerprint") != fingerprint:
-        print(f"train {name}: the interrupted run in {last.parent} used other settings or data; starting afresh")
-        return None
-    if int(state["epoch"]) > epochs:
-        print(f"train {name}: the interrupted run is past train.epochs; starting afresh")
-        return None
-    return state
-
-
-def truncate_log(folder: Path, epochs: int) -> None:
-    """Drop DVCLive rows after the first `epochs` epochs (steps 0..epochs-1): an
-    interruption between logging and checkpointing must not leave a duplicate step."""
-    for tsv in (folder / "plots" / "metrics").rglob("*.tsv"):
-        lines = tsv.read_text().splitlines(keepends=True)
-        column = lines[0].rstrip("\n").split("\t").index("step")
-        kept = [lines[0]] + [ln for ln in lines[1:] if int(ln.split("\t")[column]) < epochs]
-        tsv.write_text("".join(kept))
 
 
 def publish(state_dir: Path, variant: str, seed: int) -> None:
