@@ -68,7 +68,8 @@ def test_a_list_of_folders_names_the_classes_in_its_order(in_project, tmp_path):
     report = json.loads((in_project / "metrics/split.json").read_text())
     assert {c: e["folder"] for c, e in report["classes"].items()} == {
         "PNEUMONIA": "chest_xray/PNEUMONIA", "NORMAL": "chest_xray/NORMAL"}
-    labels = {r.split(",")[2]: r.split(",")[1] for r in (in_project / "data/split/test.csv").read_text().splitlines()[1:]}
+    rows = (in_project / "data/split/test.csv").read_text().splitlines()[1:]
+    labels = {r.split(",")[2]: r.split(",")[1] for r in rows}
     assert labels == {"PNEUMONIA": "0", "NORMAL": "1"}
 
 

@@ -187,7 +187,8 @@ def test_symlink_chain_past_path_max_is_refused_by_the_real_stage(project, tmp_p
     (project / "data").mkdir()
     set_params(project / "params.yaml", {"data.source": str(archive)})
     # the long link's real place, comp/comp/.../lll under data/raw.tmp-*, is past PATH_MAX
-    assert len(str(project / "data" / "raw.tmp-12345678")) + len(CHAIN_STEPS) * 248 + 255 > os.pathconf("/", "PC_PATH_MAX")
+    longest = len(str(project / "data" / "raw.tmp-12345678")) + len(CHAIN_STEPS) * 248 + 255
+    assert longest > os.pathconf("/", "PC_PATH_MAX")
     before = snapshot(tmp_path)
     result = stage("download", cwd=project)
     links = len(CHAIN_STEPS) + 2  # the one-letter links, the long one, escape
@@ -279,7 +280,8 @@ def test_an_archive_over_the_total_limit_is_refused_before_extraction(world):
 
 
 @pytest.mark.parametrize("lie, expected", [
-    (False, r"lies.zip unpacks to more than data.max_unpacked_gb \(1e-05 GB\); extraction stopped and nothing was kept"),
+    (False, r"lies.zip unpacks to more than data.max_unpacked_gb \(1e-05 GB\); "
+            r"extraction stopped and nothing was kept"),
     (True, r"entry 'ds/tb/1.png' unpacks to more than the 0 bytes it declares; extraction stopped"),
 ])
 def test_bytes_written_are_counted_beside_the_declared_sizes(world, monkeypatch, lie, expected):
@@ -295,7 +297,8 @@ def test_bytes_written_are_counted_beside_the_declared_sizes(world, monkeypatch,
 
 def test_a_refused_download_is_deleted(world, server):
     url, handler = server
-    handler.files["/evil.zip"] = zip_with(world.root / "evil.zip", {"ok/a.png": b"a"}, {"ok/b.png": "/etc/passwd"}).read_bytes()
+    evil = zip_with(world.root / "evil.zip", {"ok/a.png": b"a"}, {"ok/b.png": "/etc/passwd"})
+    handler.files["/evil.zip"] = evil.read_bytes()
     (world.root / "evil.zip").unlink()
     use_source(world, f"{url}/evil.zip", **{"data.sha256": hashlib.sha256(handler.files["/evil.zip"]).hexdigest()})
     refused(world, r"'ok/b.png' \(symbolic link\).*The download data/.downloads/\w+-evil.zip was deleted")
