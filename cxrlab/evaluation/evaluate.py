@@ -25,8 +25,8 @@ The ensemble stage reuses the loading and prediction helpers and
 from __future__ import annotations
 
 import csv
+from collections.abc import Hashable
 from pathlib import Path
-from typing import Hashable
 
 import numpy as np
 import torch
@@ -77,9 +77,10 @@ def write_rows(path, header: list[str], rows: list[list]) -> None:
 
 
 def runtime(params: Params) -> Runtime:
-    """The shared runtime settings of `train`: device, precision, determinism."""
+    """The shared runtime settings of `train`: device, memory format, determinism; never mixed precision
+    (evaluation is float32 on every device, so `train.amp` is not a param of evaluate)."""
     run = params.train
-    return setup(run.device, run.amp, run.channels_last, run.deterministic)
+    return setup(run.device, False, run.channels_last, run.deterministic)
 
 
 def scoring_data(batch_size: int, rt: Runtime) -> tuple[Split, np.ndarray | None, dict[str, DataLoader]]:
