@@ -117,7 +117,8 @@ def test_an_ensemble_is_reported_like_a_variant(project):
     assert set(comparison["pairs"]) == {"dropout", "pair_soft", "pair_hard"}
     assert comparison["tests"] == 3 * 3  # three pairs, three metrics: one Holm family
     headline = json.loads((project / "metrics/comparison.json").read_text())
-    assert headline["pair_soft"]["f1_diff"] == comparison["pairs"]["pair_soft"]["seed_42_vs_mean_of_42"]["f1"]["difference"]
+    pair = comparison["pairs"]["pair_soft"]["seed_42_vs_mean_of_42"]
+    assert headline["pair_soft"]["f1_diff"] == pair["f1"]["difference"]
 
 
 def test_an_unknown_ensemble_is_named(project, monkeypatch):
