@@ -104,3 +104,27 @@ def test_probabilities_survive_a_write_and_read_exactly(tmp_path):
     assert np.array_equal(back, probs.astype(np.float64))
     six = np.array([[float(f"{v:.6f}") for v in row] for row in probs])  # the old format lost them
     assert not np.array_equal(six, probs.astype(np.float64))
+
+
+def scored(name: str, probs: dict[str, np.ndarray], seeds: list[int] | None = None):
+    from cxrlab.evaluation.compare import Scored
+
+    s = object.__new__(Scored)  # what Scored reads from predictions.csv, without the files
+    s.name, s.probs, s.seeds = name, probs, seeds
+    return s
+
+
+def test_compare_refuses_differing_seed_lists_and_formats_the_p_floor():
+    from cxrlab.errors import UserError
+    from cxrlab.evaluation import compare
+
+    p = np.full((4, 2), 0.5)
+    ref = scored("baseline", {"1": p, "2": p})
+    compare.check_seeds(ref, scored("dropout", {"1": p, "2": p}), False)
+    with pytest.raises(UserError, match=r"variant dropout has seeds \[1, 3\] but the reference baseline has \[1, 2\]"):
+        compare.check_seeds(ref, scored("dropout", {"1": p, "3": p}), False)
+    with pytest.raises(UserError, match=r"ensemble both has seeds \[1\] but the reference baseline has \[1, 2\]"):
+        compare.check_seeds(ref, scored("both", {"1": p}, seeds=[1]), True)
+    floor = 2 / 1001
+    r = {"p_value": floor, "p_holm": 5 * floor, "p_at_floor": True, "significant": True}
+    assert compare._fmt_p(r, floor) == "< 0.002 (≤ 0.00999) *"

@@ -108,7 +108,7 @@ def markdown(result: dict, n_test: int) -> str:
         "",
         (f"Same {n_test} test images, best-on-validation checkpoints. Differences are variant minus {ref} "
          f"with {level:.0%} paired bootstrap intervals (test sampling). p-values, then in brackets "
-         f"Holm-corrected over {family_text(result)}; * significant at {alpha}. Accuracy is tested with "
+         f"Holm-corrected ({family_text(result)}); * significant at {alpha}. Accuracy is tested with "
          "McNemar's exact test on the argmax decisions, F1 and ROC AUC with the paired bootstrap, whose "
          f"smallest p-value with {result['resamples']} resamples is {floor:.2g} (shown as < {_round_up(floor)}). "
          "Variants are paired with the reference seed by seed; an ensemble with the reference's "

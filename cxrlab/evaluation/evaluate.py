@@ -1,8 +1,8 @@
 """Stage `evaluate@<variant>`: score the best and last checkpoints of every seed on the test set.
 
 Writes to `metrics/evaluate/<variant>/`:
-- `metrics.json`: the headline numbers of the best checkpoint for `dvc exp
-  show` (`scoring.HEADLINE`: accuracy, F1, sensitivity, specificity, ROC AUC,
+- `metrics.json`: `{<variant>: headline}`, the numbers of the best checkpoint
+  for `dvc exp show` (`scoring.HEADLINE`: accuracy, F1, sensitivity, specificity, ROC AUC,
   ECE, the operating point's test sensitivity and specificity, and the 95 %
   bounds of F1, ROC AUC and the operating sensitivity); numbers only;
 - `report.json`: everything: for `best` (the epoch chosen on validation) and `last`,
@@ -209,7 +209,8 @@ def report_and_write(title: str, out: Path, header: dict, seeds: list[Hashable],
                [[s, b["bin"], b["low"], b["high"], b["count"], "" if b["confidence"] is None else b["confidence"],
                  "" if b["accuracy"] is None else b["accuracy"]] for s, table in bins.items() for b in table])
     write_json(out / "report.json", report)
-    write_json(out / "metrics.json", {"best": headline(report["best"])})  # after live.end(), which writes one
+    # keyed by the model's name, so `dvc exp show` names the column `baseline.f1`, not by file and path
+    write_json(out / "metrics.json", {out.name: headline(report["best"])})  # after live.end(), which writes one
 
     for which in CHECKPOINTS:
         print(headline_line(f"{title} {which}", report[which], positive))

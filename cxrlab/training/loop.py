@@ -135,7 +135,8 @@ def train_variant(variant: str, params: Params) -> None:
         if rt.is_main:
             write_json(paths.train_dir(variant) / "report.json",
                        {"select_metric": f"val/{cfg.select_metric}", "seeds": runs})
-            write_json(paths.train_dir(variant) / "metrics.json", train_headline(runs, cfg.select_metric))
+            write_json(paths.train_dir(variant) / "metrics.json",
+                       {variant: train_headline(runs, cfg.select_metric)})  # dvc exp show: `<variant>.best_epoch`
     finally:
         teardown()
 
