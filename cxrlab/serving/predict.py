@@ -173,7 +173,8 @@ def write_output(out: Path, predictor: Predictor, files: list[Path], probs: np.n
             writer.writerow(["file", *(f"prob_{c}" for c in classes), "predicted", "threshold", "decision"])
             for path, p, decision in zip(files, probs, decisions):
                 writer.writerow([str(path), *(f"{v:.6f}" for v in p), classes[int(p.argmax())],
-                                 "" if predictor.threshold is None else f"{predictor.threshold:.6f}", decision])
+                                 "" if predictor.threshold is None else repr(float(predictor.threshold)),  # exact, as evaluate's
+                                 decision])
         return
     report = {
         "checkpoint": str(predictor.path),
