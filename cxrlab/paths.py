@@ -13,9 +13,14 @@ PREPARED = DATA / "prepared"  # preprocess: <split>.npy + <split>.csv + meta.jso
 
 MODELS = Path("models")  # train: <variant>/seed_<seed>/best.pt, last.pt
 METRICS = Path("metrics")
-SPLIT_REPORT = METRICS / "split.json"
+# Metrics files (`metrics:` in dvc.yaml) hold headline numbers only, for `dvc exp show`;
+# the *_report.json beside them hold everything else.
+SPLIT_METRICS = METRICS / "split.json"
+SPLIT_REPORT = METRICS / "split_report.json"
 FLOPS = METRICS / "flops.json"
+FLOPS_REPORT = METRICS / "flops_report.json"
 COMPARISON = METRICS / "comparison.json"
+COMPARISON_REPORT = METRICS / "comparison_report.json"
 COMPARISON_TABLE = METRICS / "comparison.md"
 PLOTS = Path("plots")
 EXPLANATIONS = Path("explanations")  # explain: <variant>/gallery.png, gallery.csv
@@ -32,7 +37,7 @@ def checkpoint(variant: str, seed: int, which: str) -> Path:
 
 
 def train_dir(variant: str) -> Path:
-    """A variant's training summary (metrics.json) and per-seed logs (seeds/)."""
+    """A variant's training headline (metrics.json), summary (report.json) and per-seed logs (seeds/)."""
     return METRICS / "train" / variant
 
 
@@ -49,7 +54,7 @@ def train_state(variant: str, seed: int) -> Path:
 
 
 def eval_dir(variant: str) -> Path:
-    """A variant's test results: metrics.json, predictions.csv, plots/sklearn/*.json."""
+    """A variant's test results: metrics.json (headline), report.json, predictions.csv, plots/sklearn/*.json."""
     return METRICS / "evaluate" / variant
 
 

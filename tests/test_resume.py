@@ -23,7 +23,7 @@ def outputs(project: Path) -> dict:
     """Weights of both checkpoints, the summary, and every logged curve but speed and time."""
     seed_dir = project / "models" / VARIANT / "seed_42"
     result = {which: torch.load(seed_dir / f"{which}.pt", weights_only=True) for which in ("best", "last")}
-    result["summary"] = json.loads((project / "metrics/train" / VARIANT / "metrics.json").read_text())
+    result["summary"] = json.loads((project / "metrics/train" / VARIANT / "report.json").read_text())
     curves = {}
     for tsv in sorted((project / "metrics/train" / VARIANT / "seeds/seed_42/plots/metrics").rglob("*.tsv")):
         if tsv.name != "images_per_s.tsv":

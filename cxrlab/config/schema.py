@@ -283,15 +283,20 @@ class TrainParams(_Section):
         return {name: dict(kw) for name, kw in self.augment.items() if kw is not None}
 
 
-class TppParams(_Section):
+class ScreeningParams(_Section):
+    """A screening target (e.g. WHO's TPP for a TB triage test) the operating point is checked against."""
+
+    name: str = Field(min_length=1)
     sensitivity: float = Field(gt=0, le=1)
     specificity: float = Field(gt=0, le=1)
+    tb_only: bool
 
 
 class EvaluateParams(_Section):
     batch_size: Union[int, Literal["auto"]]
-    target_sensitivity: float = Field(gt=0, le=1)
-    who_tpp: TppParams
+    # < 1: no threshold chosen on a finite validation set can promise a sensitivity of 1 on new images
+    target_sensitivity: float = Field(gt=0, lt=1)
+    screening: Optional[ScreeningParams]
     calibration_bins: int = Field(ge=2, le=100)
 
     _batch_size = field_validator("batch_size")(_count_or_auto)
@@ -302,6 +307,7 @@ class StatsParams(_Section):
     resamples: int = Field(ge=100)
     seed: int = Field(ge=0)
     alpha: float = Field(gt=0, lt=0.5)
+    resample_seeds: bool
 
 
 class CompareParams(_Section):

@@ -8,8 +8,8 @@ stage selects its best epoch on them and never looks at the test set.
 
 Writes `data/split/train.csv` (subset train or val) and `test.csv`, with
 columns filename, label, class, subset, path (relative to data/raw), and the
-report `metrics/split.json`: per class and split, the count and the first and
-last file.
+report `metrics/split_report.json`: per class and split, the count and the first and
+last file; `metrics/split.json` holds the total counts only (for dvc exp show).
 """
 
 from __future__ import annotations
@@ -146,6 +146,8 @@ def split_dataset(data: DataParams) -> None:
         write_rows(tmp / paths.TRAIN_CSV.name, train_rows)
         write_rows(tmp / paths.TEST_CSV.name, test_rows)
     write_json(paths.SPLIT_REPORT, report)
+    # the headline for dvc exp show: image counts only (names and bad files stay in the report)
+    write_json(paths.SPLIT_METRICS, {**report["total"], "bad_images": report["bad_images"]})
     for name, entry in report["classes"].items():
         t, tr = entry["test"], entry["train"]
         print(f"split: {name}: test {t['count']} ({t['first']}..{t['last']}), "

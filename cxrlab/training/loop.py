@@ -42,6 +42,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from dvclive import Live
 
@@ -109,10 +110,22 @@ def train_variant(variant: str, params: Params) -> None:
             runs[f"seed_{seed}"] = train_run(variant, cfg, seed, params.data, rt, splits, loading,
                                              runs_after=len(cfg.seeds) - 1 - i)
         if rt.is_main:
-            write_json(paths.train_dir(variant) / "metrics.json",
+            write_json(paths.train_dir(variant) / "report.json",
                        {"select_metric": f"val/{cfg.select_metric}", "seeds": runs})
+            write_json(paths.train_dir(variant) / "metrics.json",
+                       {variant: train_headline(runs, cfg.select_metric)})  # dvc exp show: `<variant>.best_epoch`
     finally:
         teardown()
+
+
+def train_headline(runs: dict[str, dict], select_metric: str) -> dict[str, float]:
+    """The numbers of metrics.json for dvc exp show: the best epoch and its validation `select_metric`,
+    the mean over seeds (each seed's and everything else is in report.json)."""
+    out = {"best_epoch": float(np.mean([r["best"]["epoch"] for r in runs.values()]))}
+    values = [(r["best"].get("val") or {}).get(select_metric) for r in runs.values()]
+    if all(isinstance(v, (int, float)) for v in values):
+        out[f"best_val_{select_metric}"] = float(np.mean(values))
+    return out
 
 
 @dataclass
