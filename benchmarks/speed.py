@@ -325,7 +325,8 @@ class Pipeline:
         from cxrlab.data.datasets import loader_settings
         from cxrlab.training.build import Splits, make_loaders
 
-        return make_loaders(cfg, Splits(self.fit, self.val, self.test), rt, seed, loader_settings(cfg, rt.device))
+        return make_loaders(cfg, Splits(self.fit, self.val, self.test), rt, seed,
+                            loader_settings(self.params.runtime, rt.device))
 
 
 def endless(loader, set_epoch=None):
@@ -621,7 +622,8 @@ def memory_child(argv: list[str]) -> None:
     fit, val = train_split.subset("train"), train_split.subset("val")
     seed = cfg.seeds[0]
     seed_all(seed)
-    loader, val_loader, _ = make_loaders(cfg, Splits(fit, val, test_split), rt, seed, loader_settings(cfg, rt.device))
+    loader, val_loader, _ = make_loaders(cfg, Splits(fit, val, test_split), rt, seed,
+                                         loader_settings(params.runtime, rt.device))
     model = build_model(cfg.arch, len(fit.classes), cfg.dropout, cfg.pretrained).to(rt.device)
     loss_fn = StudyLoss(model, cfg.l2_penalty)
     optimizer = make_optimizer(model.parameters(), cfg)

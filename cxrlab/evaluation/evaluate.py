@@ -77,9 +77,9 @@ def write_rows(path, header: list[str], rows: list[list]) -> None:
 
 
 def runtime(params: Params) -> Runtime:
-    """The shared runtime settings of `train`: device, precision, determinism."""
+    """The device (`runtime`) and the precision and determinism of `train`, shared with training."""
     run = params.train
-    return setup(run.device, run.amp, run.channels_last, run.deterministic)
+    return setup(params.runtime.device, run.amp, run.channels_last, run.deterministic)
 
 
 def scoring_data(batch_size: int, rt: Runtime) -> tuple[Split, np.ndarray | None, dict[str, DataLoader]]:
