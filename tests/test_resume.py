@@ -97,3 +97,39 @@ def test_resume_refuses_a_run_made_with_other_settings(project):
     log = run([sys.executable, "-m", "stages.train", VARIANT], cwd=project).stdout
     assert "used other settings or data; starting afresh" in log and "epoch 1/1" in log
 
+
+EDIT_PARAMS_MID_RUN = """
+import runpy, sys
+from pathlib import Path
+import cxrlab.training.loop as loop
+
+train_epoch = loop.train_epoch
+
+def train_epoch_then_edit(*args, **kwargs):
+    # what a second `dvc exp run -S train.lr=0.0003` in this workspace does while this stage trains
+    result = train_epoch(*args, **kwargs)
+    params = Path("params.yaml")
+    params.write_text(params.read_text().replace("lr: 0.0001", "lr: 0.0003", 1))
+    return result
+
+loop.train_epoch = train_epoch_then_edit
+sys.argv = ["stages.train", "baseline"]
+runpy.run_module("stages.train", run_name="__main__")
+"""
+
+
+def test_a_stage_whose_params_change_while_it_runs_records_nothing(project):
+    params = project / "params.yaml"
+    before = params.read_text()
+    assert "lr: 0.0001" in before
+    try:
+        proc = run([sys.executable, "-c", EDIT_PARAMS_MID_RUN], cwd=project, check=False)
+    finally:
+        params.write_text(before)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: train: params.yaml changed while train@baseline ran (train.lr)")
+    assert "dvc exp run --queue" in error
+    assert "train baseline seed 42:" in proc.stdout and "ETA" not in proc.stdout  # stopped at epoch 1's first write
+    assert not (project / "models/baseline").exists()
+    assert not (project / "metrics/train/baseline").exists()
