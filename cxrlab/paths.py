@@ -47,8 +47,8 @@ def train_log(variant: str, seed: int) -> Path:
 
 
 def train_state(variant: str, seed: int) -> Path:
-    """A seed's run in progress: best.pt, last.pt (with optimiser state) and its log.
-    Moved into models/ and metrics/ only when the run completes; `train.resume`
+    """A seed's run in progress: best.pt, resume.pt (weights, optimiser and schedule state) and its log.
+    Moved into models/ and metrics/ only when the run completes; `runtime.resume`
     continues from here after an interruption."""
     return TRAIN_STATE / variant / f"seed_{seed}"
 

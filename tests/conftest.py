@@ -186,8 +186,7 @@ def reproduced(tmp_path_factory) -> tuple[Path, str]:
     root = tmp_path_factory.mktemp("e2e")
     source = make_dataset(root / "source", n_per_class=30, size=48)
     project = copy_project(root / "project")
-    # sharpness augments in a loader worker (the CPU default is none), for the determinism test
-    set_params(project / "params.yaml", {**TINY, "data.source": str(source), "experiments.sharpness.num_workers": 1})
+    set_params(project / "params.yaml", {**TINY, "data.source": str(source)})
     git_repo(project)
     result = dvc("repro", cwd=project)
     return project, result.stdout + result.stderr

@@ -1,4 +1,4 @@
-"""Data-parallel training chosen by params: `train.processes: 2` launches torchrun,
+"""Data-parallel training chosen by params: `runtime.processes: 2` launches torchrun,
 two CPU processes with the gloo backend, and writes what one process writes."""
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def test_two_cpu_processes_train_and_write_what_one_process_writes(prepared):
     one_summary = json.loads((project / "metrics/train/baseline/report.json").read_text())
 
     # 2 processes x batch 4 = the effective batch 8 of the one-process run
-    set_params(project / "params.yaml", {"train.processes": 2, "train.batch_size": 4})
+    set_params(project / "params.yaml", {"runtime.processes": 2, "train.batch_size": 4})
     two = run([sys.executable, "-m", "stages.train", "baseline"], cwd=project)
     log = two.stdout + two.stderr
     assert "--nproc-per-node=2 --standalone" in log

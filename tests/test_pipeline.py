@@ -52,6 +52,21 @@ def test_repro_runs_every_stage_and_writes_every_output(reproduced):
     assert "Data and pipelines are up to date" in dvc("status", cwd=project).stdout
 
 
+def test_runtime_knobs_rerun_nothing(reproduced):
+    """No stage lists `runtime` as params: where and how a stage runs is not a result."""
+    project, _ = reproduced
+    params = project / "params.yaml"
+    before = params.read_text()
+    knobs = {"device": "cpu", "num_workers": 2, "pin_memory": True, "persistent_workers": False,
+             "prefetch_factor": 2, "processes": 4, "nodes": 2, "rendezvous": "node0:29400", "resume": True}
+    assert set(knobs) == set(yaml.safe_load(before)["runtime"])  # every knob, each to another value
+    try:
+        set_params(params, {f"runtime.{k}": v for k, v in knobs.items()})
+        assert "Data and pipelines are up to date" in dvc("status", cwd=project).stdout
+    finally:
+        params.write_text(before)
+
+
 def test_metrics_are_complete_and_in_range(reproduced):
     project, _ = reproduced
     split = json.loads((project / "metrics/split_report.json").read_text())
@@ -161,10 +176,10 @@ def test_experiment_on_one_variant_reruns_only_it(experimented):
 
 
 def test_a_repeated_cpu_run_reproduces_weights_and_metrics_exactly(reproduced):
-    """train.deterministic: auto is on for the CPU. `sharpness` augments in a
-    loader worker process here: the augmentation draws must repeat too.
-    (Runs after the experiment test: only the DVCLive log, which records
-    images/s, differs afterwards.)"""
+    """train.deterministic: auto is on for the CPU. `sharpness` augments, and the
+    repeat does it in a loader worker process (runtime.num_workers, a knob no
+    stage depends on): the augmentation draws must repeat too. (Runs after the
+    experiment test: only the DVCLive log, which records images/s, differs afterwards.)"""
     project, _ = reproduced
     variant = "sharpness"
     outputs = [project / "metrics/train" / variant / "report.json",
@@ -173,6 +188,7 @@ def test_a_repeated_cpu_run_reproduces_weights_and_metrics_exactly(reproduced):
     before = [p.read_bytes() for p in outputs]
     weights = {w: torch.load(project / "models" / variant / "seed_42" / f"{w}.pt", weights_only=True)["model"]
                for w in ("best", "last")}
+    set_params(project / "params.yaml", {"runtime.num_workers": 1})
     log = run([sys.executable, "-m", "stages.train", variant], cwd=project).stdout
     assert re.search(r"[1-9]\d* loader workers", log)  # the case worth testing: augmentation in workers
     run([sys.executable, "-m", "stages.evaluate", variant], cwd=project)

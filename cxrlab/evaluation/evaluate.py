@@ -89,10 +89,10 @@ def write_rows(path, header: list[str], rows: list[list]) -> None:
 
 
 def runtime(params: Params) -> Runtime:
-    """The shared runtime settings of `train`: device, memory format, determinism; never mixed precision
-    (evaluation is float32 on every device, so `train.amp` is not a param of evaluate)."""
+    """The device (`runtime`) and the memory format and determinism of `train`, shared with training; never
+    mixed precision (evaluation is float32 on every device, so `train.amp` is not a param of evaluate)."""
     run = params.train
-    return setup(run.device, False, run.channels_last, run.deterministic)
+    return setup(params.runtime.device, False, run.channels_last, run.deterministic)
 
 
 def scoring_data(batch_size: int, rt: Runtime) -> tuple[Split, np.ndarray | None, dict[str, DataLoader]]:

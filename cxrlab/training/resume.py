@@ -17,12 +17,15 @@ from cxrlab.config.schema import DataParams, TrainParams
 from cxrlab.errors import UserError
 from cxrlab.model.backbones import load_checkpoint
 
+# In the run's work folder: the weights, optimiser, schedule and scaler states and the
+# selection so far, after the last finished epoch. Never a DVC output; removed on completion.
+RESUME_FILE = "resume.pt"
+
 
 def run_fingerprint(cfg: TrainParams, data: DataParams, seed: int) -> str:
     """What a resumed run must share with the interrupted one: every setting that
     changes the numbers, and the prepared data."""
-    settings = cfg.model_dump(exclude={"resume", "seeds", "num_workers", "pin_memory", "persistent_workers",
-                                       "prefetch_factor", "log_test_curve"})
+    settings = cfg.model_dump(exclude={"seeds", "log_test_curve"})
     digest = hashlib.sha256(json.dumps({"train": settings, "seed": seed, "positive": data.positive_class,
                                         "mean": data.mean, "std": data.std}, sort_keys=True).encode())
     for name in ("train.csv", "test.csv", "meta.json"):
@@ -33,7 +36,7 @@ def run_fingerprint(cfg: TrainParams, data: DataParams, seed: int) -> str:
 def resumable(last: Path, fingerprint: str, epochs: int, name: str) -> dict | None:
     """The interrupted run's last checkpoint if it can be continued, else None (and why)."""
     if not last.is_file():
-        print(f"train {name}: train.resume is on but there is no interrupted run in {last.parent}; starting afresh")
+        print(f"train {name}: runtime.resume is on but there is no interrupted run in {last.parent}; starting afresh")
         return None
     try:
         state = load_checkpoint(last)
