@@ -60,7 +60,13 @@ def make_loaders(cfg: TrainParams, splits: Splits, rt: Runtime, seed: int, loadi
     """Training loader (augmented, shuffled, sharded under DDP); validation and test
     loaders (never augmented, in one process; the test loader only when `log_test_curve`)."""
     augment = build_augment(cfg.augmentations)
-    loader = make_loader(ImageArrayDataset(splits.fit, augment), cfg.batch_size, shuffle=True, seed=seed,
+    # train.batch_size is the batch of one optimiser step over all processes, so the process count is a
+    # runtime knob: each rank takes its share, and the ranks' batches together are the one-process batch
+    per_process, rest = divmod(cfg.batch_size, rt.world_size)
+    if rest or not per_process:
+        raise UserError(f"train.batch_size {cfg.batch_size} does not split evenly over {rt.world_size} processes "
+                        f"(runtime.processes x runtime.nodes); set train.batch_size to a multiple of {rt.world_size}")
+    loader = make_loader(ImageArrayDataset(splits.fit, augment), per_process, shuffle=True, seed=seed,
                          settings=loading, rank=rt.rank, world_size=rt.world_size, balanced=cfg.balanced_sampler)
     eval_batch = eval_batch_size("auto", rt.device)
     plain_settings = LoaderSettings(pin_memory=loading.pin_memory)

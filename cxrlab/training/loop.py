@@ -226,7 +226,8 @@ def announce(run: TrainingRun, cfg: TrainParams, rt: Runtime, splits: Splits, na
     print(f"train {name}: {cfg.arch}, {count_parameters(run.model):,} parameters, on {rt.describe()}; "
           f"{len(splits.fit)} training and {len(splits.val)} validation images, batch {cfg.batch_size}"
           f"{f' x {cfg.accumulate_steps} steps' if cfg.accumulate_steps > 1 else ''}"
-          f"{f' x {rt.world_size} processes' if rt.distributed else ''}, {run.loader.num_workers} loader workers")
+          f"{f' ({cfg.batch_size // rt.world_size} per process x {rt.world_size} processes)' if rt.distributed else ''}"
+          f", {run.loader.num_workers} loader workers")
     if not len(splits.val):
         print(f"train {name}: data.val_fraction is 0, so there is no validation set; "
               "the last epoch stands in for the best")
