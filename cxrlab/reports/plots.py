@@ -65,7 +65,7 @@ def read_curves(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def mean_curves(runs: list[dict[str, list[tuple[int, float]]]]) -> dict[str, list[tuple[int, float]]]:
-    """The mean over seeds of each metric, per epoch."""
+    """The mean over runs (seeds, and folds with data.folds) of each metric, per epoch."""
     merged: dict[str, dict[int, list[float]]] = {}
     for run in runs:
         for metric, points in run.items():
@@ -210,7 +210,8 @@ def make_plots(params: Params) -> None:
 
     evals = {v: read_json(_require(paths.eval_dir(v) / "metrics.json", stage_of[v])) for v in scored}
     trains = {v: read_json(_require(paths.train_dir(v) / "metrics.json", f"train@{v}")) for v in variants}
-    curves = {v: mean_curves([read_curves(paths.train_log(v, s)) for s in evals[v]["seeds"]]) for v in variants}
+    curves = {v: mean_curves([read_curves(log) for s in evals[v]["seeds"] for log in paths.run_logs(v, s)])
+              for v in variants}  # with data.folds, the mean over seeds and folds
     flops = read_json(_require(paths.FLOPS, "flops"))
     comparison_md = _require(paths.COMPARISON_TABLE, "compare").read_text()
     classes = list(evals[variants[0]]["best"]["confusion_matrix"])

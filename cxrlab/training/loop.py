@@ -25,6 +25,16 @@ the other. Writes `models/<variant>/seed_<seed>/best.pt` and `last.pt`, the
 DVCLive log of each run in `metrics/train/<variant>/seeds/seed_<seed>/`, and
 the runs' best epochs in `metrics/train/<variant>/metrics.json`.
 
+With `data.folds: k` (the split marks each training image's fold), each
+seed trains k models, model f on every fold but f, picking its best epoch
+on fold f: `models/<variant>/seed_<seed>/fold_<f>/`, logs and summary per
+fold likewise. The folds run inside
+this stage rather than as a `matrix` of variant x fold: one train stage per
+variant keeps `models/<variant>` one output, so `dvc exp run -S` on a
+variant reruns exactly that variant (all its folds, which a changed setting
+does change) and evaluate, ensemble, explain and the serving code find a
+variant's models where they always did.
+
 A run in progress lives in `.train-state/<variant>/seed_<seed>/` (checkpoints
 each epoch, written atomically, and its log) and is moved into those outputs
 only when complete, so an interrupted stage leaves nothing DVC could take for
@@ -59,7 +69,7 @@ from cxrlab.model.backbones import (
 )
 from cxrlab.model.freezing import Phase, apply_freeze, phase_at
 from cxrlab.model.optim import scale_lr
-from cxrlab.training.build import Splits, TrainingRun, build_run
+from cxrlab.training.build import Splits, TrainingRun, build_run, run_splits
 from cxrlab.training.engine import confusion_summary, predict, train_one_epoch
 from cxrlab.training.resume import resumable, run_fingerprint, truncate_log
 from cxrlab.training.runtime import Runtime, seed_all, setup, teardown, torchrun_command
@@ -84,11 +94,12 @@ def format_eta(seconds: float) -> str:
 def train_variant(variant: str, params: Params) -> None:
     """Train every seed of `variant` (data-parallel under torchrun when asked) and write its summary."""
     cfg = params.variant(variant)
-    check_writable(paths.train_dir(variant) / "metrics.json",  # before hours of training, not after
-                   *(out for seed in cfg.seeds for out in (paths.checkpoint(variant, seed, "best").parent,
-                                                           paths.train_log(variant, seed),
-                                                           paths.train_state(variant, seed))))
     train_split, test_split = load_split("train"), load_split("test")
+    folds: list[int | None] = list(range(len(train_split.folds()))) or [None]
+    check_writable(paths.train_dir(variant) / "metrics.json",  # before hours of training, not after
+                   *(out for seed in cfg.seeds for f in folds
+                     for out in (paths.checkpoint(variant, seed, "best", f).parent,
+                                 paths.train_log(variant, seed, f), paths.train_state(variant, seed, f))))
     launch = torchrun_command(cfg.processes, cfg.nodes, cfg.rendezvous, "stages.train", [variant])
     if launch:
         print(f"train {variant}: data-parallel, {' '.join(launch[1:])}", flush=True)
@@ -100,14 +111,16 @@ def train_variant(variant: str, params: Params) -> None:
 
     rt = setup(cfg.device, cfg.amp, cfg.channels_last, cfg.deterministic)
     try:
-        splits = Splits(train_split.subset("train"), train_split.subset("val"), test_split)
-        if len(splits.fit) == 0:
-            raise UserError(f"{paths.PREPARED}/train.csv has no rows with subset=train; lower data.val_fraction")
         loading = loader_settings(cfg, rt.device)
-        runs = {}
-        for i, seed in enumerate(cfg.seeds):
-            runs[f"seed_{seed}"] = train_run(variant, cfg, seed, params.data, rt, splits, loading,
-                                             runs_after=len(cfg.seeds) - 1 - i)
+        units = [(seed, fold) for seed in cfg.seeds for fold in folds]  # the ETA counts them all
+        runs: dict = {}
+        for i, (seed, fold) in enumerate(units):
+            summary = train_run(variant, cfg, seed, params.data, rt, run_splits(train_split, test_split, fold), loading,
+                                runs_after=len(units) - 1 - i, fold=fold)
+            if fold is None:
+                runs[f"seed_{seed}"] = summary
+            else:
+                runs.setdefault(f"seed_{seed}", {"folds": {}})["folds"][f"fold_{fold}"] = summary
         if rt.is_main:
             write_json(paths.train_dir(variant) / "metrics.json",
                        {"select_metric": f"val/{cfg.select_metric}", "seeds": runs})
@@ -131,19 +144,19 @@ class Progress:
 
 
 def train_run(variant: str, cfg: TrainParams, seed: int, data: DataParams, rt: Runtime, splits: Splits,
-              loading: LoaderSettings, runs_after: int = 0) -> dict | None:
-    """Train one seed of a variant; returns its summary (on rank 0).
+              loading: LoaderSettings, runs_after: int = 0, fold: int | None = None) -> dict | None:
+    """Train one seed of a variant (with `fold`, its model holding out that fold); returns its summary (on rank 0).
 
     The steps: build, resume or start, then per epoch train, validate, select,
     log and checkpoint; finally publish.
     """
     seed_all(seed)
     run = build_run(cfg, data, rt, splits, seed, loading)
-    name = f"{variant} seed {seed}"
-    state_dir = paths.train_state(variant, seed)
+    name = f"{variant} seed {seed}" + (f" fold_{fold}" if fold is not None else "")
+    state_dir = paths.train_state(variant, seed, fold)
     meta = checkpoint_meta(cfg.arch, cfg.dropout, run.classes, run.image_size, data.mean, data.std,
                            head_hidden=cfg.head_hidden, keep_imagenet_head=cfg.keep_imagenet_head,
-                           variant=variant, seed=seed)
+                           variant=variant, seed=seed, fold=fold)
     fingerprint = run_fingerprint(cfg, data, seed)
     progress = resume_or_start(run, cfg, rt, state_dir, fingerprint, name)
     if rt.is_main:
@@ -173,8 +186,8 @@ def train_run(variant: str, cfg: TrainParams, seed: int, data: DataParams, rt: R
     if live is None:
         return None
     live.end()
-    publish(state_dir, variant, seed)
-    return run_summary(cfg, progress, name, variant, seed)
+    publish(state_dir, variant, seed, fold)
+    return run_summary(cfg, progress, name, variant, seed, fold)
 
 
 def resume_or_start(run: TrainingRun, cfg: TrainParams, rt: Runtime, state_dir: Path, fingerprint: str,
@@ -325,14 +338,15 @@ def report(cfg: TrainParams, progress: Progress, stats: dict, row: dict, val_met
           f"elapsed {format_eta(elapsed)}, ETA {format_eta(eta)}", flush=True)
 
 
-def run_summary(cfg: TrainParams, progress: Progress, name: str, variant: str, seed: int) -> dict:
+def run_summary(cfg: TrainParams, progress: Progress, name: str, variant: str, seed: int,
+                fold: int | None) -> dict:
     result = {"best": progress.best, "epochs_trained": progress.last_epoch, "trainable_params": progress.trainable}
     if progress.study is not None:
         result["study_protocol"] = {
             **progress.study,
             "note": "epoch chosen by test F1 as in the study; leaks the test set, for comparison only"}
     print(f"train {name}: best epoch {progress.best['epoch']} by val/{cfg.select_metric}; "
-          f"checkpoints in {paths.checkpoint(variant, seed, 'best').parent}")
+          f"checkpoints in {paths.checkpoint(variant, seed, 'best', fold).parent}")
     return result
 
 
@@ -359,16 +373,16 @@ def agree_to_stop(stop: bool, rt: Runtime) -> bool:
     return bool(flag.item())
 
 
-def publish(state_dir: Path, variant: str, seed: int) -> None:
+def publish(state_dir: Path, variant: str, seed: int, fold: int | None = None) -> None:
     """Move a completed run from its work folder into the DVC outputs."""
-    target = paths.checkpoint(variant, seed, "best").parent
+    target = paths.checkpoint(variant, seed, "best", fold).parent
     with atomic_dir(target) as tmp:
         for which in ("best", "last"):
             shutil.copy2(state_dir / f"{which}.pt", tmp / f"{which}.pt")
-    with atomic_dir(paths.train_log(variant, seed)) as tmp:
+    with atomic_dir(paths.train_log(variant, seed, fold)) as tmp:
         shutil.copytree(state_dir / "log", tmp, dirs_exist_ok=True)
     remove(state_dir)
-    for parent in (state_dir.parent, paths.TRAIN_STATE):
+    for parent in (state_dir.parent, state_dir.parent.parent, paths.TRAIN_STATE):
         if parent.is_dir() and not any(parent.iterdir()):
             parent.rmdir()
 
