@@ -100,3 +100,17 @@ def test_plots_average_the_fold_curves(folded, monkeypatch):
     plots.main([])
     curves = read_csv(folded / "plots" / "data" / "curves.csv")
     assert any(r.get("val_f1") not in (None, "") for r in curves)
+
+
+def test_predict_and_explain_say_they_use_fold_0s_model(folded, monkeypatch, capsys):
+    from cxrlab.cli import predict
+    from stages import explain
+
+    monkeypatch.chdir(folded)
+    image = next((folded / "data" / "dataset" / "test").rglob("*.png"))
+    predict.main(["--variant", "baseline", str(image)])
+    out = capsys.readouterr().out
+    assert "models/baseline/seed_42/fold_0/best.pt" in out and "fold_0's model alone" in out
+    explain.main(["baseline"])
+    assert "explain baseline" in capsys.readouterr().out
+    assert (folded / "explanations" / "baseline" / "gallery.png").is_file()
