@@ -28,12 +28,11 @@ the runs' best epochs in `metrics/train/<variant>/metrics.json`.
 With `data.folds: k` (the split marks each training image's fold), each
 seed trains k models, model f on every fold but f, picking its best epoch
 on fold f: `models/<variant>/seed_<seed>/fold_<f>/`, logs and summary per
-fold likewise. The folds run inside
-this stage rather than as a `matrix` of variant x fold: one train stage per
-variant keeps `models/<variant>` one output, so `dvc exp run -S` on a
-variant reruns exactly that variant (all its folds, which a changed setting
-does change) and evaluate, ensemble, explain and the serving code find a
-variant's models where they always did.
+fold likewise. The folds run inside this stage rather than as a `matrix` of
+variant x fold: one train stage per variant keeps `models/<variant>` one
+output, so `dvc exp run -S` on a variant reruns exactly that variant (all
+its folds, which a changed setting does change) and evaluate, ensemble,
+explain and the serving code find a variant's models where they always did.
 
 A run in progress lives in `.train-state/<variant>/seed_<seed>/` (checkpoints
 each epoch, written atomically, and its log) and is moved into those outputs
