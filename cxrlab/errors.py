@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import errno
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 EXIT_USER_ERROR = 2
 
@@ -21,8 +21,16 @@ class UserError(Exception):
 
 
 def run_stage(main: Callable[[Sequence[str] | None], object], name: str) -> None:
-    """Run a stage's `main(argv)`, turning a `UserError` into one line and exit 2."""
+    """Run a stage's `main(argv)`, turning a `UserError` into one line and exit 2.
+
+    While it runs, the params `dvc.yaml` lists for the stage are watched: an
+    output about to be written after one of them changed stops the stage
+    (`cxrlab.config.guard`).
+    """
+    from cxrlab.config import guard  # here: guard itself raises UserError
+
     try:
+        guard.watch(name, sys.argv[1:])
         main(sys.argv[1:])
     except UserError as err:
         print(f"error: {name}: {err}", file=sys.stderr)
@@ -41,3 +49,5 @@ def run_stage(main: Callable[[Sequence[str] | None], object], name: str) -> None
     except KeyboardInterrupt:
         print(f"error: {name}: interrupted; nothing was recorded as complete", file=sys.stderr)
         sys.exit(130)
+    finally:
+        guard.unwatch()

@@ -13,9 +13,14 @@ PREPARED = DATA / "prepared"  # preprocess: <split>.npy + <split>.csv + meta.jso
 
 MODELS = Path("models")  # train: <variant>/seed_<seed>/best.pt, last.pt (with data.folds: seed_<seed>/fold_<f>/)
 METRICS = Path("metrics")
-SPLIT_REPORT = METRICS / "split.json"
+# Metrics files (`metrics:` in dvc.yaml) hold headline numbers only, for `dvc exp show`;
+# the *_report.json beside them hold everything else.
+SPLIT_METRICS = METRICS / "split.json"
+SPLIT_REPORT = METRICS / "split_report.json"
 FLOPS = METRICS / "flops.json"
+FLOPS_REPORT = METRICS / "flops_report.json"
 COMPARISON = METRICS / "comparison.json"
+COMPARISON_REPORT = METRICS / "comparison_report.json"
 COMPARISON_TABLE = METRICS / "comparison.md"
 PLOTS = Path("plots")
 EXPLANATIONS = Path("explanations")  # explain: <variant>/gallery.png, gallery.csv
@@ -45,7 +50,7 @@ def checkpoint(variant: str, seed: int, which: str, fold: int | None = None) -> 
 
 
 def train_dir(variant: str) -> Path:
-    """A variant's training summary (metrics.json) and per-seed logs (seeds/)."""
+    """A variant's training headline (metrics.json), summary (report.json) and per-seed logs (seeds/)."""
     return METRICS / "train" / variant
 
 
@@ -62,14 +67,15 @@ def run_logs(variant: str, seed: int) -> list[Path]:
 
 
 def train_state(variant: str, seed: int, fold: int | None = None) -> Path:
-    """A seed's run in progress: best.pt, last.pt (with optimiser state) and its log.
-    Moved into models/ and metrics/ only when the run completes; `train.resume`
+    """A seed's (with data.folds, a seed and fold's) run in progress: best.pt, resume.pt (weights,
+    optimiser and schedule state) and its log.
+    Moved into models/ and metrics/ only when the run completes; `runtime.resume`
     continues from here after an interruption."""
     return _fold(TRAIN_STATE / variant / f"seed_{seed}", fold)
 
 
 def eval_dir(variant: str) -> Path:
-    """A variant's test results: metrics.json, predictions.csv, plots/sklearn/*.json."""
+    """A variant's test results: metrics.json (headline), report.json, predictions.csv, plots/sklearn/*.json."""
     return METRICS / "evaluate" / variant
 
 

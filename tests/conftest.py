@@ -168,8 +168,10 @@ def trained_project(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("trained")
     source = make_dataset(root / "source", n_per_class=20, size=64)
     project = copy_project(root / "project")
-    # 64 px, not 32: ResNet's last block then has a 2 x 2 map for Grad-CAM, not a single value
-    set_params(project / "params.yaml", {**TINY, "data.source": str(source), "data.image_size": 64})
+    # 64 px, not 32: ResNet's last block then has a 2 x 2 map for Grad-CAM, not a single value.
+    # 6 validation images per class and a target sensitivity of 0.8: enough for an operating threshold
+    set_params(project / "params.yaml", {**TINY, "data.source": str(source), "data.image_size": 64,
+                                         "data.val_fraction": 0.4, "evaluate.target_sensitivity": 0.8})
     git_repo(project)
     dvc("repro", "evaluate@baseline", cwd=project)
     return project
@@ -184,8 +186,7 @@ def reproduced(tmp_path_factory) -> tuple[Path, str]:
     root = tmp_path_factory.mktemp("e2e")
     source = make_dataset(root / "source", n_per_class=30, size=48)
     project = copy_project(root / "project")
-    # sharpness augments in a loader worker (the CPU default is none), for the determinism test
-    set_params(project / "params.yaml", {**TINY, "data.source": str(source), "experiments.sharpness.num_workers": 1})
+    set_params(project / "params.yaml", {**TINY, "data.source": str(source)})
     git_repo(project)
     result = dvc("repro", cwd=project)
     return project, result.stdout + result.stderr

@@ -43,7 +43,7 @@ def test_the_committed_params_are_valid():
     ({"train.arch": "resnet500"}, "unknown architecture 'resnet500' (did you mean 'resnet50'?)"),
     ({"train.augment": {"ColourJitter": {}}}, "unknown augmentation 'ColourJitter' (did you mean 'ColorJitter'?)"),
     ({"data.positive_class": "Sick"}, "positive_class 'Sick' is not one of the classes ['Healthy', 'TB']"),
-    ({"train.device": "gpu"}, "unknown device 'gpu'"),
+    ({"runtime.device": "gpu"}, "unknown device 'gpu'"),
     ({"experiments.contrast.augmnt": {}}, "experiments.contrast.augmnt: unknown key (did you mean 'augment'?)"),
     ({"experiments.dropout.dropout": 1.5}, "experiments.dropout.dropout: Input should be less than 1"),
 ])

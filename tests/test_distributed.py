@@ -1,4 +1,4 @@
-"""Data-parallel training chosen by params: `train.processes: 2` launches torchrun,
+"""Data-parallel training chosen by params: `runtime.processes: 2` launches torchrun,
 two CPU processes with the gloo backend, and writes what one process writes."""
 
 from __future__ import annotations
@@ -60,10 +60,10 @@ def test_two_cpu_processes_train_and_write_what_one_process_writes(prepared):
     one = run([sys.executable, "-m", "stages.train", "baseline"], cwd=project).stdout
     assert "x 2 processes" not in one
     one_files = tree(project)
-    one_summary = json.loads((project / "metrics/train/baseline/metrics.json").read_text())
+    one_summary = json.loads((project / "metrics/train/baseline/report.json").read_text())
 
     # 2 processes x batch 4 = the effective batch 8 of the one-process run
-    set_params(project / "params.yaml", {"train.processes": 2, "train.batch_size": 4})
+    set_params(project / "params.yaml", {"runtime.processes": 2, "train.batch_size": 4})
     two = run([sys.executable, "-m", "stages.train", "baseline"], cwd=project)
     log = two.stdout + two.stderr
     assert "--nproc-per-node=2 --standalone" in log
@@ -71,11 +71,11 @@ def test_two_cpu_processes_train_and_write_what_one_process_writes(prepared):
     assert log.count("best epoch") == 1  # only rank 0 reports and writes
 
     assert tree(project) == one_files
-    two_summary = json.loads((project / "metrics/train/baseline/metrics.json").read_text())
+    two_summary = json.loads((project / "metrics/train/baseline/report.json").read_text())
     assert keys(two_summary) == keys(one_summary)
     for which in ("best", "last"):
         ckpt = torch.load(project / "models/baseline/seed_42" / f"{which}.pt", weights_only=True)
         assert not any(k.startswith("module.") for k in ckpt["model"])  # saved unwrapped from DDP
     run([sys.executable, "-m", "stages.evaluate", "baseline"], cwd=project)  # loads like any checkpoint
-    assert json.loads((project / "metrics/evaluate/baseline/metrics.json").read_text())["best"]["n"] == 8
+    assert json.loads((project / "metrics/evaluate/baseline/report.json").read_text())["best"]["n"] == 8
 

@@ -99,22 +99,26 @@ def test_a_majority_outvotes_a_more_confident_member():
 
 
 def test_an_ensemble_is_reported_like_a_variant(project):
-    variant = json.loads((project / "metrics/evaluate/baseline/metrics.json").read_text())
+    variant = json.loads((project / "metrics/evaluate/baseline/report.json").read_text())
     for name, voting in (("pair_soft", "soft"), ("pair_hard", "hard")):
         folder = project / "metrics/evaluate" / name
-        m = json.loads((folder / "metrics.json").read_text())
+        m = json.loads((folder / "report.json").read_text())
         assert keys(m) - keys(m["ensemble"], "ensemble.") - {"ensemble"} == keys(variant)
         assert m["ensemble"]["members"] == MEMBERS and m["ensemble"]["voting"] == voting
         assert set(m["ensemble"]["member_epochs"]["dropout"]["best"]) == {"seed_42"}
         assert m["seeds"] == [42] and m["best"]["epoch"] is None
         assert m["best"]["n"] == variant["best"]["n"]
-        assert 0 <= m["best"]["operating_point"]["threshold"] <= 1
-        for path in ("predictions.csv", "calibration.csv", "plots/sklearn/confusion_matrix.json",
+        assert m["best"]["operating_point"]["validation_positives"] == 2  # too few for a threshold
+        assert m["best"]["operating_point"]["thresholds"] is None
+        for path in ("metrics.json", "predictions.csv", "calibration.csv", "plots/sklearn/confusion_matrix.json",
                      "plots/sklearn/roc.json", "plots/sklearn/precision_recall.json"):
             assert (folder / path).is_file(), path
-    comparison = json.loads((project / "metrics/comparison.json").read_text())
-    assert set(comparison["variants"]) == {"dropout", "pair_soft", "pair_hard"}
-    assert comparison["comparisons"] == 3
+    comparison = json.loads((project / "metrics/comparison_report.json").read_text())
+    assert set(comparison["pairs"]) == {"dropout", "pair_soft", "pair_hard"}
+    assert comparison["tests"] == 3 * 3  # three pairs, three metrics: one Holm family
+    headline = json.loads((project / "metrics/comparison.json").read_text())
+    pair = comparison["pairs"]["pair_soft"]["seed_42_vs_mean_of_42"]
+    assert headline["pair_soft"]["f1_diff"] == pair["f1"]["difference"]
 
 
 def test_an_unknown_ensemble_is_named(project, monkeypatch):

@@ -88,3 +88,28 @@ def test_specificity_and_training_summary_from_counts():
     cm = np.array([[5, 1], [1, 3]])
     np.testing.assert_allclose(specificity_per_class(cm), [0.75, 5 / 6])
     assert confusion_summary(cm, positive=1) == pytest.approx({"accuracy": 0.8, "f1": 0.75})
+
+
+def test_prediction_is_float32_and_bit_identical_under_any_amp_setting():
+    """Evaluation never runs under autocast: a bf16 runtime (as a GPU's) gives the float32 result."""
+    import dataclasses
+
+    import torch
+
+    from cxrlab.model.backbones import build_model
+    from cxrlab.training.engine import predict
+    from cxrlab.training.runtime import setup
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", 2, image_size=32)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    batches = [(images, torch.zeros(4, dtype=torch.int64))]
+    rt = setup("cpu", amp=False, channels_last=False, deterministic=True)
+    mixed = dataclasses.replace(rt, amp_dtype=torch.bfloat16)
+    norm = ([0.5] * 3, [0.25] * 3)
+    exact = predict(model, batches, rt, *norm)[0]
+    assert exact.dtype == np.float32
+    assert np.array_equal(predict(model, batches, mixed, *norm)[0], exact)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what the old code did: visibly different
+        rounded = torch.softmax(model((images.float() / 255 - 0.5) / 0.25).float(), 1).detach().numpy()
+    assert not np.array_equal(rounded, exact)

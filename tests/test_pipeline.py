@@ -36,9 +36,9 @@ def test_repro_runs_every_stage_and_writes_every_output(reproduced):
     assert ran_stages(output) == expected
 
     outputs = declared_outputs(project)
-    # download 1, split 2, prepare 1, preprocess 1, train 3, evaluate 6 and explain 2 per variant,
-    # ensemble 6, compare 2, flops 1, plots 1
-    assert len(outputs) == 5 + 5 * (3 + 6 + 2) + 6 + 4
+    # download 1, split 3, prepare 1, preprocess 1, train 4, evaluate 7 and explain 2 per variant,
+    # ensemble 7, compare 3, flops 2, plots 1
+    assert len(outputs) == 6 + 5 * (4 + 7 + 2) + 7 + 6
     for path in outputs:
         assert path.exists(), path
     for v in VARIANTS:
@@ -52,13 +52,29 @@ def test_repro_runs_every_stage_and_writes_every_output(reproduced):
     assert "Data and pipelines are up to date" in dvc("status", cwd=project).stdout
 
 
+def test_runtime_knobs_rerun_nothing(reproduced):
+    """No stage lists `runtime` as params: where and how a stage runs is not a result."""
+    project, _ = reproduced
+    params = project / "params.yaml"
+    before = params.read_text()
+    knobs = {"device": "cpu", "num_workers": 2, "pin_memory": True, "persistent_workers": False,
+             "prefetch_factor": 2, "processes": 4, "nodes": 2, "rendezvous": "node0:29400", "resume": True}
+    assert set(knobs) == set(yaml.safe_load(before)["runtime"])  # every knob, each to another value
+    try:
+        set_params(params, {f"runtime.{k}": v for k, v in knobs.items()})
+        assert "Data and pipelines are up to date" in dvc("status", cwd=project).stdout
+    finally:
+        params.write_text(before)
+
+
 def test_metrics_are_complete_and_in_range(reproduced):
     project, _ = reproduced
-    split = json.loads((project / "metrics/split.json").read_text())
+    split = json.loads((project / "metrics/split_report.json").read_text())
     assert split["total"] == {"test": 12, "train": 48, "of_which_val": 4}  # 30 per class: 6 test, 24 train
+    assert json.loads((project / "metrics/split.json").read_text()) == {**split["total"], "bad_images": 0}
     for v in VARIANTS:
-        m = json.loads((project / "metrics/evaluate" / v / "metrics.json").read_text())
-        assert m["seeds"] == [42] and "per_seed" not in m
+        m = json.loads((project / "metrics/evaluate" / v / "report.json").read_text())
+        assert m["seeds"] == [42] and "per_seed" not in m and m["intervals"].startswith("test sampling")
         for which in ("best", "last"):
             r = m[which]
             assert 1 <= r["epoch"] <= 2
@@ -69,37 +85,69 @@ def test_metrics_are_complete_and_in_range(reproduced):
             assert set(r["per_class"]["recall"]) == {"Healthy", "TB"}
             assert sum(sum(row.values()) for row in r["confusion_matrix"].values()) == 12
             assert 0 <= r["ece"] <= 1
+            # 2 validation positives: too few for a threshold (9 needed at 0.90); the metrics stay at the argmax
             op = r["operating_point"]
-            assert 0 <= op["threshold"] <= 1 and op["val"]["sensitivity"] >= 0.9
-            ci = op["test"]["sensitivity_ci"]
-            assert ci["low"] <= op["test"]["sensitivity"] <= ci["high"]
-            assert op["meets_who_tpp"] == (op["test"]["sensitivity"] >= 0.9 and op["test"]["specificity"] >= 0.7)
-        train = json.loads((project / "metrics/train" / v / "metrics.json").read_text())
+            assert op["validation_positives"] == 2 and op["thresholds"] is None
+            assert "needs at least 9" in op["message"]
+        headline = json.loads((project / "metrics/evaluate" / v / "metrics.json").read_text())
+        assert headline[v]["f1"] == m["best"]["f1"]  # keyed by variant: short, unique dvc exp show columns
+        assert headline[v]["roc_auc_low"] == m["best"]["roc_auc_ci"]["low"]
+        assert "op_sensitivity" not in headline[v]
+        train = json.loads((project / "metrics/train" / v / "report.json").read_text())
         assert train["seeds"]["seed_42"]["best"]["epoch"] == m["best"]["epoch"]
         assert train["seeds"]["seed_42"]["study_protocol"]["epoch"] in (1, 2)
+        train_headline = json.loads((project / "metrics/train" / v / "metrics.json").read_text())
+        assert train_headline[v]["best_epoch"] == m["best"]["epoch"]
         with open(project / "metrics/evaluate" / v / "predictions.csv") as f:
             rows = list(csv.DictReader(f))
         assert len(rows) == 12 and {r["seed"] for r in rows} == {"42"}
         for r in rows:
             assert float(r["best_prob_Healthy"]) + float(r["best_prob_TB"]) == pytest.approx(1, abs=2e-6)
-            assert r["best_decision"] == ("TB" if float(r["best_prob_TB"]) >= float(r["best_threshold"]) else "Healthy")
-    flops = json.loads((project / "metrics/flops.json").read_text())
+            assert r["best_threshold"] == "" and r["best_decision"] == r["best_predicted"]
+    flops = json.loads((project / "metrics/flops_report.json").read_text())
     assert flops["variants"]["baseline"]["parameters"] == 11_177_538  # resnet18, 2 classes
     assert flops["variants"]["baseline"]["flops"] == 2 * flops["variants"]["baseline"]["macs"] > 0
+    assert json.loads((project / "metrics/flops.json").read_text())["baseline"]["mparams"] == 11.178
 
-    comparison = json.loads((project / "metrics/comparison.json").read_text())
-    assert comparison["reference"] == "baseline" and comparison["comparisons"] == 5
-    assert set(comparison["variants"]) == set(VARIANTS[1:]) | {ENSEMBLE}
-    for r in comparison["variants"].values():
-        for metric in ("accuracy", "f1", "roc_auc"):
-            assert r[metric]["p_value"] <= r[metric]["p_holm"] <= 1
-            assert r[metric]["significant"] == (r[metric]["p_holm"] < 0.05)
+    comparison = json.loads((project / "metrics/comparison_report.json").read_text())
+    assert comparison["reference"] == "baseline" and comparison["tests"] == 5 * 3  # one Holm family
+    assert set(comparison["pairs"]) == set(VARIANTS[1:]) | {ENSEMBLE}
+    assert set(comparison["pairs"][ENSEMBLE]) == {"seed_42_vs_mean_of_42"}
+    for pairs in comparison["pairs"].values():
+        for r in pairs.values():
+            for metric in ("accuracy", "f1", "roc_auc"):
+                assert 0 < r[metric]["p_value"] <= r[metric]["p_holm"] <= 1
+                assert r[metric]["significant"] == (r[metric]["p_holm"] < 0.05)
     table = (project / "metrics/comparison.md").read_text()
     assert all(f"**{v}** vs baseline" in table for v in VARIANTS[1:])
+    assert "one Holm family of all 15 tests" in table
 
     summary = (project / "plots/summary.md").read_text()
     assert all(f"| {v} |" in summary for v in VARIANTS + [ENSEMBLE])
     assert "Operating point" in summary and "Paired comparisons with `baseline`" in summary
+    assert "needs at least 9" in summary and "WHO TPP" in summary and "intervals cover test sampling" in summary
+
+
+def test_metrics_files_hold_a_few_headline_numbers_only(reproduced):
+    """What dvc metrics show / dvc exp show read: numbers only, at most 150 for the five variants, the ensemble,
+    the split, FLOPs and the comparison (issue 13)."""
+    project, _ = reproduced
+    shown = json.loads(dvc("metrics", "show", "--json", cwd=project).stdout)
+    files = next(iter(shown.values()))["data"]
+    assert len(files) == 5 + 5 + 1 + 3  # train and evaluate per variant, the ensemble, split, flops, comparison
+
+    def leaves(node):
+        if isinstance(node, dict):
+            for value in node.values():
+                yield from leaves(value)
+        else:
+            yield node
+
+    values = [v for f in files.values() for v in leaves(f["data"])]
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values), values
+    assert 60 <= len(values) <= 150
+    evaluate = files["metrics/evaluate/baseline/metrics.json"]["data"]["baseline"]
+    assert {"accuracy", "f1", "f1_low", "f1_high", "roc_auc", "ece"} <= set(evaluate) and len(evaluate) <= 13
 
 
 def test_experiment_on_one_variant_reruns_only_it(experimented):
@@ -115,7 +163,7 @@ def test_experiment_on_one_variant_reruns_only_it(experimented):
     for other in VARIANTS[:-1]:
         assert other not in diff
 
-    assert re.search(r"best\.\w+_ci\.(low|high)", diff)  # the intervals are metrics too
+    assert re.search(r"contrast\.(f1|roc_auc)_(low|high)", diff)  # the headline intervals are metrics too
 
     params_diff = dvc("params", "diff", cwd=project).stdout
     assert "experiments.contrast.lr" in params_diff and "0.003" in params_diff
@@ -128,18 +176,19 @@ def test_experiment_on_one_variant_reruns_only_it(experimented):
 
 
 def test_a_repeated_cpu_run_reproduces_weights_and_metrics_exactly(reproduced):
-    """train.deterministic: auto is on for the CPU. `sharpness` augments in a
-    loader worker process here: the augmentation draws must repeat too.
-    (Runs after the experiment test: only the DVCLive log, which records
-    images/s, differs afterwards.)"""
+    """train.deterministic: auto is on for the CPU. `sharpness` augments, and the
+    repeat does it in a loader worker process (runtime.num_workers, a knob no
+    stage depends on): the augmentation draws must repeat too. (Runs after the
+    experiment test: only the DVCLive log, which records images/s, differs afterwards.)"""
     project, _ = reproduced
     variant = "sharpness"
-    outputs = [project / "metrics/train" / variant / "metrics.json",
-               project / "metrics/evaluate" / variant / "metrics.json",
+    outputs = [project / "metrics/train" / variant / "report.json",
+               project / "metrics/evaluate" / variant / "report.json",
                project / "metrics/evaluate" / variant / "predictions.csv"]
     before = [p.read_bytes() for p in outputs]
     weights = {w: torch.load(project / "models" / variant / "seed_42" / f"{w}.pt", weights_only=True)["model"]
                for w in ("best", "last")}
+    set_params(project / "params.yaml", {"runtime.num_workers": 1})
     log = run([sys.executable, "-m", "stages.train", variant], cwd=project).stdout
     assert re.search(r"[1-9]\d* loader workers", log)  # the case worth testing: augmentation in workers
     run([sys.executable, "-m", "stages.evaluate", variant], cwd=project)
@@ -167,22 +216,23 @@ def test_repro_on_real_chest_xrays(tmp_path):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git_repo(project)
     dvc("repro", cwd=project)
-    split = json.loads((project / "metrics/split.json").read_text())
+    split = json.loads((project / "metrics/split_report.json").read_text())
     assert split["classes"]["Healthy"]["test"] == {"count": 12, "first": "CHNCXR_0005_0.png",
                                                    "last": "CHNCXR_0045_0.png"}
     assert split["classes"]["TB"]["train"]["count"] == 48
     for path in declared_outputs(project):
         assert path.exists(), path
-    m = json.loads((project / "metrics/evaluate/contrast/metrics.json").read_text())
+    m = json.loads((project / "metrics/evaluate/contrast/report.json").read_text())
     assert m["best"]["n"] == 24 and m["seeds"] == [1, 2]
     per_seed = [m["per_seed"][f"seed_{s}"]["best"]["accuracy"] for s in (1, 2)]
     assert m["best"]["accuracy"] == pytest.approx(sum(per_seed) / 2)
     assert m["best"]["accuracy_sd"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2 ** 0.5)
-    comparison = json.loads((project / "metrics/comparison.json").read_text())
-    assert set(comparison["variants"]["contrast"]) >= {"seed_1", "seed_2", "mean_difference"}
-    assert "both" in comparison["variants"]
-    assert "| both | seed_1+2_vs_1 |" in (project / "metrics/comparison.md").read_text()  # all seeds: one run
-    both = json.loads((project / "metrics/evaluate/both/metrics.json").read_text())
+    comparison = json.loads((project / "metrics/comparison_report.json").read_text())
+    assert set(comparison["pairs"]["contrast"]) == {"seed_1", "seed_2"}  # seed by seed
+    assert "both" in comparison["pairs"]
+    # the ensemble of all seeds is paired with the reference's seed-averaged probabilities
+    assert "| both | seed_1+2_vs_mean_of_1+2 |" in (project / "metrics/comparison.md").read_text()
+    both = json.loads((project / "metrics/evaluate/both/report.json").read_text())
     assert both["seeds"] == [1, 2] and both["ensemble"]["voting"] == "hard" and both["best"]["n"] == 24
     for seed in (1, 2):
         assert (project / "models/contrast" / f"seed_{seed}" / "best.pt").is_file()

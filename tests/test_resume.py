@@ -1,5 +1,5 @@
 """A killed training run leaves no output DVC could take as complete, and
-`train.resume: true` continues it to exactly the result of an uninterrupted run."""
+`runtime.resume: true` continues it to exactly the result of an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def outputs(project: Path) -> dict:
     """Weights of both checkpoints, the summary, and every logged curve but speed and time."""
     seed_dir = project / "models" / VARIANT / "seed_42"
     result = {which: torch.load(seed_dir / f"{which}.pt", weights_only=True) for which in ("best", "last")}
-    result["summary"] = json.loads((project / "metrics/train" / VARIANT / "metrics.json").read_text())
+    result["summary"] = json.loads((project / "metrics/train" / VARIANT / "report.json").read_text())
     curves = {}
     for tsv in sorted((project / "metrics/train" / VARIANT / "seeds/seed_42/plots/metrics").rglob("*.tsv")):
         if tsv.name != "images_per_s.tsv":
@@ -58,7 +58,7 @@ def kill_during_epoch(project: Path, epoch: int) -> None:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    return prepared_project(tmp_path_factory.mktemp("resume"), **{"train.epochs": 3, "train.num_workers": 2})
+    return prepared_project(tmp_path_factory.mktemp("resume"), **{"train.epochs": 3, "runtime.num_workers": 2})
 
 
 def test_kill_then_resume_equals_an_uninterrupted_run(project):
@@ -72,18 +72,65 @@ def test_kill_then_resume_equals_an_uninterrupted_run(project):
     assert not (project / "models" / VARIANT).exists()
     assert not (project / "metrics/train" / VARIANT / "metrics.json").exists()
     state = project / ".train-state" / VARIANT / "seed_42"
-    assert torch.load(state / "last.pt", weights_only=True)["epoch"] == 2
+    assert torch.load(state / "resume.pt", weights_only=True)["epoch"] == 2
+    assert not (state / "last.pt").exists()  # published checkpoints are written only on completion
 
-    set_params(project / "params.yaml", {"train.resume": True})
+    set_params(project / "params.yaml", {"runtime.resume": True})
     log = run([sys.executable, "-m", "stages.train", VARIANT], cwd=project).stdout
     assert "resuming after epoch 2" in log and "epoch 1/3" not in log
     assert_same(outputs(project), uninterrupted)
-    assert not (project / ".train-state").exists()
+    assert not (project / ".train-state").exists()  # the resume file goes when the run completes
+
+
+def test_published_checkpoints_hold_weights_and_metadata_only(project):
+    """The optimiser and schedule state needed to resume never reach models/ (Adam's doubles the size)."""
+    for which in ("best", "last"):
+        ckpt = torch.load(project / "models" / VARIANT / "seed_42" / f"{which}.pt", weights_only=True)
+        assert set(ckpt) == {"format", "arch", "dropout", "head_hidden", "keep_imagenet_head", "classes",
+                             "image_size", "mean", "std", "variant", "seed", "epoch", "metrics", "model"}, which
+        assert ckpt["epoch"] == (3 if which == "last" else ckpt["metrics"]["epoch"])
 
 
 def test_resume_refuses_a_run_made_with_other_settings(project):
-    set_params(project / "params.yaml", {"train.resume": False})
+    set_params(project / "params.yaml", {"runtime.resume": False})
     kill_during_epoch(project, 2)
-    set_params(project / "params.yaml", {"train.resume": True, "train.epochs": 1})  # another run
+    set_params(project / "params.yaml", {"runtime.resume": True, "train.epochs": 1})  # another run
     log = run([sys.executable, "-m", "stages.train", VARIANT], cwd=project).stdout
     assert "used other settings or data; starting afresh" in log and "epoch 1/1" in log
+
+
+EDIT_PARAMS_MID_RUN = """
+import runpy, sys
+from pathlib import Path
+import cxrlab.training.loop as loop
+
+train_epoch = loop.train_epoch
+
+def train_epoch_then_edit(*args, **kwargs):
+    # what a second `dvc exp run -S train.lr=0.0003` in this workspace does while this stage trains
+    result = train_epoch(*args, **kwargs)
+    params = Path("params.yaml")
+    params.write_text(params.read_text().replace("lr: 0.0001", "lr: 0.0003", 1))
+    return result
+
+loop.train_epoch = train_epoch_then_edit
+sys.argv = ["stages.train", "baseline"]
+runpy.run_module("stages.train", run_name="__main__")
+"""
+
+
+def test_a_stage_whose_params_change_while_it_runs_records_nothing(project):
+    params = project / "params.yaml"
+    before = params.read_text()
+    assert "lr: 0.0001" in before
+    try:
+        proc = run([sys.executable, "-c", EDIT_PARAMS_MID_RUN], cwd=project, check=False)
+    finally:
+        params.write_text(before)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: train: params.yaml changed while train@baseline ran (train.lr)")
+    assert "dvc exp run --queue" in error
+    assert "train baseline seed 42:" in proc.stdout and "ETA" not in proc.stdout  # stopped at epoch 1's first write
+    assert not (project / "models/baseline").exists()
+    assert not (project / "metrics/train/baseline").exists()

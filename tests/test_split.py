@@ -55,7 +55,7 @@ def tbx11k(in_project):
 
 def test_tbx11k_split_matches_the_study_exactly(tbx11k):
     split.main([])
-    report = json.loads((tbx11k / "metrics" / "split.json").read_text())
+    report = json.loads((tbx11k / "metrics" / "split_report.json").read_text())
     healthy, tb = report["classes"]["Healthy"], report["classes"]["TB"]
     assert healthy["folder"] == "TBX11K/imgs/health" and tb["folder"] == "TBX11K/imgs/tb"
     assert healthy["test"] == {"count": 760, "first": "h0001.png", "last": "h0993.png"}
@@ -131,7 +131,7 @@ def test_more_folds_than_a_class_has_training_images_is_one_line(tbx11k):
 def test_max_per_class_keeps_the_first_ids(tbx11k):
     set_params(tbx11k / "params.yaml", {"data.max_per_class": 10, "data.val_fraction": 0.25})
     split.main([])
-    report = json.loads((tbx11k / "metrics" / "split.json").read_text())
+    report = json.loads((tbx11k / "metrics" / "split_report.json").read_text())
     assert report["classes"]["Healthy"]["test"] == {"count": 2, "first": "h0001.png", "last": "h0003.png"}
     assert report["classes"]["Healthy"]["train"]["first"] == "h0004.png"
     assert report["classes"]["TB"]["train"]["last"] == "tb0017.png"  # the 10th TB image by ID
@@ -216,6 +216,6 @@ def test_skipped_bad_images_leave_the_split_and_are_reported(in_project):
     assert [r["filename"] for r in test] == ["h1.png", "tb2.png"]
     assert [r["filename"] for r in train] == ["h3.png", "h4.png", "h5.png", "h6.png",
                                               "tb3.png", "tb4.png", "tb5.png", "tb6.png"]
-    report = json.loads((in_project / "metrics/split.json").read_text())
+    report = json.loads((in_project / "metrics/split_report.json").read_text())
     assert report["bad_images"] == 2 and set(report["bad_image_files"]) == {"health/h2.png", "tb/tb1.png"}
     assert report["ignored_files"] == 1

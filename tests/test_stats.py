@@ -81,6 +81,16 @@ def test_holm_adjusts_in_order():
     assert stats.holm([0.5, 0.9]) == [1.0, 1.0]
 
 
+def test_holm_over_one_family_matches_the_hand_computed_step_down():
+    # Holm (1979), as statsmodels' multipletests(method="holm"): sort, multiply the i-th smallest
+    # by (m - i + 1), keep the running maximum, cap at 1. Sorted: 0.005*5=0.025, 0.01*4=0.04,
+    # 0.03*3=0.09, 0.04*2=0.08 -> 0.09 (running max), 0.2*1=0.2.
+    p = [0.01, 0.04, 0.03, 0.005, 0.2]
+    assert stats.holm(p) == pytest.approx([0.04, 0.09, 0.09, 0.025, 0.2])
+    # rejected at 0.05: only the two smallest, where per-metric families of the same tests would reject more
+    assert [a < 0.05 for a in stats.holm(p)] == [True, False, False, True, False]
+
+
 def test_paired_bootstrap_of_identical_models_is_zero_and_of_a_better_one_is_positive():
     rng = np.random.default_rng(3)
     y = np.array([0] * 300 + [1] * 100)
@@ -89,21 +99,75 @@ def test_paired_bootstrap_of_identical_models_is_zero_and_of_a_better_one_is_pos
     pa, pb = np.stack([1 - noisy, noisy], 1), np.stack([1 - clean, clean], 1)
     same = stats.paired_bootstrap(y, pa, pa, 1, ("f1", "roc_auc"), 300, 0, 0.95)
     assert same["f1"]["difference"] == 0 and same["f1"]["low"] == same["f1"]["high"] == 0
+    assert same["f1"]["p_value"] == 1.0
     better = stats.paired_bootstrap(y, pa, pb, 1, ("f1", "roc_auc"), 300, 0, 0.95)
     assert better["f1"]["difference"] > 0 and better["f1"]["low"] > 0
     assert better["roc_auc"]["p_value"] < 0.05
 
 
-def test_threshold_search_returns_the_highest_threshold_reaching_the_target():
+def test_a_clear_winner_gets_the_floor_p_value_never_zero():
+    y = np.array([0] * 50 + [1] * 50)
+    perfect = np.eye(2)[y].astype(float)
+    coin = np.full((100, 2), 0.5)
+    r = stats.paired_bootstrap(y, coin, perfect, 1, ("accuracy", "roc_auc"), 999, 0, 0.95)
+    # no resample crosses zero: (1 + 0) / (999 + 1), doubled
+    assert r["roc_auc"]["p_value"] == 2 / 1000 == stats.p_value_floor(999)
+    assert r["roc_auc"]["p_at_floor"] and r["accuracy"]["p_value"] > 0
+    assert stats.bootstrap_p_value(np.array([-1.0, 2.0, 3.0])) == pytest.approx(2 * 2 / 4)
+    assert stats.bootstrap_p_value(np.array([np.nan])) is None
+
+
+def test_threshold_rule_takes_the_order_statistic_that_keeps_the_expected_sensitivity():
     positive = np.array([1] * 10 + [0] * 5, bool)
     score = np.array([0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.65, 0.55, 0.1, 0.05, 0.35])
-    # 9 of 10 positives (90 %) are at or above 0.3; 0.4 would give only 8
-    assert stats.threshold_for_sensitivity(positive, score, 0.90) == 0.3
-    assert stats.threshold_for_sensitivity(positive, score, 0.80) == 0.4
-    assert stats.threshold_for_sensitivity(positive, score, 1.0) == 0.2
-    t = stats.threshold_for_sensitivity(positive, score, 0.9)
-    assert np.mean(score[positive] >= t) >= 0.9
+    # n = 10: k = floor(0.1 * 11) = 1 -> the lowest positive score; target 0.8: k = floor(0.2 * 11) = 2
+    assert stats.threshold_for_sensitivity(positive, score, 0.90) == 0.2
+    assert stats.threshold_for_sensitivity(positive, score, 0.80) == 0.3
+    assert [stats.threshold_rank(n, 0.9) for n in (9, 10, 20, 64, 200)] == [1, 1, 2, 6, 20]
+    # 0.9 needs 9 positives (k >= 1), 0.95 needs 19; never fewer than MIN_POSITIVES
+    assert (stats.min_positives(0.9), stats.min_positives(0.95), stats.min_positives(0.5)) == (9, 19, 5)
+    assert stats.threshold_for_sensitivity(positive[:8].copy(), score[:8], 0.9) is None  # 8 positives
     assert stats.threshold_for_sensitivity(np.zeros(3, bool), np.ones(3), 0.9) is None
+
+
+@pytest.mark.parametrize("n", [20, 64, 200])
+def test_threshold_rule_meets_the_target_sensitivity_on_average_over_new_data(n):
+    # positives' scores uniform on [0, 1]: a threshold t has true sensitivity 1 - t.
+    # 20,000 simulated validation sets; the standard error of the mean is at most 0.0005.
+    rng = np.random.default_rng(0)
+    scores = rng.random((20_000, n))
+    k = stats.threshold_rank(n, 0.9)
+    rule = 1 - np.sort(scores, axis=1)[:, k - 1]
+    assert rule.mean() >= 0.9
+    assert rule.mean() == pytest.approx(1 - k / (n + 1), abs=0.002)
+    assert stats.threshold_for_sensitivity(np.ones(n, bool), scores[0], 0.9) == pytest.approx(1 - rule[0])
+    # the naive rule (exactly 90 % of validation positives at or above t) falls short on average
+    naive = 1 - np.sort(scores, axis=1)[:, n - math.ceil(0.9 * n)]
+    assert naive.mean() < 0.9
+
+
+def test_clopper_pearson_matches_the_closed_forms():
+    # x = n - 1: upper = (1 - alpha/2)^(1/n); x = n: lower = (alpha/2)^(1/n), upper = 1
+    assert stats.clopper_pearson(9, 10, 0.95)["high"] == pytest.approx(0.975 ** 0.1)
+    assert stats.clopper_pearson(10, 10, 0.95) == pytest.approx({"low": 0.025 ** 0.1, "high": 1.0})
+    assert stats.clopper_pearson(0, 0, 0.95) == {"low": None, "high": None}
+
+
+def test_resampling_seeds_widens_the_interval_to_cover_seed_to_seed_spread():
+    # three "seeds" of very different accuracy (0.6, 0.75, 0.9) on the same 400 images
+    rng = np.random.default_rng(7)
+    y = np.array([0] * 200 + [1] * 200)
+    probs = []
+    for acc in (0.6, 0.75, 0.9):
+        right = rng.random(400) < acc
+        pred = np.where(right, y, 1 - y)
+        probs.append(np.stack([1.0 - pred, pred.astype(float)], 1))
+    test_only = stats.bootstrap_intervals(y, probs, 1, 500, 0, 0.95)["accuracy"]
+    both = stats.bootstrap_intervals(y, probs, 1, 500, 0, 0.95, resample_models=True)["accuracy"]
+    assert test_only["high"] - test_only["low"] < 0.06  # test sampling of a mean of three: narrow
+    assert both["low"] < 0.67 and both["high"] > 0.83  # seeds drawn again: spans most of the seeds
+    weights = stats.seed_weights(3, 500, 0)
+    assert weights.shape == (3, 500) and np.allclose(weights.sum(axis=0), 1)
 
 
 def test_ece_is_near_zero_when_calibrated_and_near_the_gap_when_not():

@@ -78,11 +78,11 @@ def study_project(tmp_path: Path, name: str, n_per_class: int = 8, **changes) ->
 
 
 def report(project: Path, variant: str) -> dict:
-    return json.loads((project / "metrics" / "evaluate" / variant / "metrics.json").read_text())
+    return json.loads((project / "metrics" / "evaluate" / variant / "report.json").read_text())
 
 
 def train_summary(project: Path, variant: str) -> dict:
-    return json.loads((project / "metrics" / "train" / variant / "metrics.json").read_text())["seeds"]["seed_42"]
+    return json.loads((project / "metrics" / "train" / variant / "report.json").read_text())["seeds"]["seed_42"]
 
 
 def log_column(project: Path, variant: str, metric: str) -> list[float]:
@@ -99,10 +99,10 @@ def check_complete(project: Path, params: dict) -> None:
         assert all(list(row) == classes for row in m["confusion_matrix"].values())
         assert sum(sum(row.values()) for row in m["confusion_matrix"].values()) == m["n"]
         assert set(m["per_class"]["recall"]) == set(classes) and 0 <= m["macro"]["f1"] <= 1
-    flops_report = json.loads((project / "metrics" / "flops.json").read_text())["variants"]
+    flops_report = json.loads((project / "metrics" / "flops_report.json").read_text())["variants"]
     for variant, cfg in params["experiments"].items():
         assert flops_report[variant]["arch"] == cfg.get("arch", params["train"]["arch"])
-    comparison = json.loads((project / "metrics" / "comparison.json").read_text())
+    comparison = json.loads((project / "metrics" / "comparison_report.json").read_text())
     assert comparison["reference"] == params["compare"]["reference"]
     assert (project / "plots" / "summary.md").is_file()
 

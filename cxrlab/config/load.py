@@ -28,6 +28,7 @@ class Params:
     def __init__(self, raw: Mapping[str, Any], parsed: _ParamsFile, variants: dict[str, TrainParams]):
         self.raw = raw
         self.data = parsed.data
+        self.runtime = parsed.runtime
         self.evaluate = parsed.evaluate
         self.stats = parsed.stats
         self.compare = parsed.compare

@@ -175,21 +175,12 @@ class TrainParams(_Section):
     seeds: list[int] = Field(min_length=1)
     select_metric: Literal["f1", "macro_f1", "accuracy", "roc_auc", "loss"]
     log_test_curve: bool
-    device: str
-    num_workers: Union[int, Literal["auto"]]
-    pin_memory: Union[bool, Literal["auto"]]
-    persistent_workers: bool
-    prefetch_factor: int = Field(gt=0)
-    processes: Union[int, Literal["auto"]]
-    nodes: int = Field(ge=1)
-    rendezvous: Optional[str]
     sync_batchnorm: bool
     amp: bool
     channels_last: bool
     compile: bool
     deterministic: Union[bool, Literal["auto"]]
     accumulate_steps: int = Field(gt=0)
-    resume: bool
 
     @field_validator("seeds")
     @classmethod
@@ -259,6 +250,27 @@ class TrainParams(_Section):
                                  f"use a torchvision.transforms.v2 name: {', '.join(AUGMENTATIONS)}")
         return augment
 
+    @property
+    def augmentations(self) -> dict[str, dict[str, Any]]:
+        """The active augmentations, in order (a `null` entry is switched off)."""
+        return {name: dict(kw) for name, kw in self.augment.items() if kw is not None}
+
+
+class RuntimeParams(_Section):
+    """Where and how a stage runs, never what it computes: no stage lists `runtime` as params,
+    so changing it leaves `dvc status` clean. (Knobs that can change the numbers, such as
+    amp, channels_last, compile and deterministic, stay in `train`.)"""
+
+    device: str
+    num_workers: Union[int, Literal["auto"]]
+    pin_memory: Union[bool, Literal["auto"]]
+    persistent_workers: bool
+    prefetch_factor: int = Field(gt=0)
+    processes: Union[int, Literal["auto"]]
+    nodes: int = Field(ge=1)
+    rendezvous: Optional[str]
+    resume: bool
+
     @field_validator("device")
     @classmethod
     def _known_device(cls, device: str) -> str:
@@ -278,21 +290,21 @@ class TrainParams(_Section):
             raise ValueError("rendezvous must be host:port, e.g. node0:29400")
         return value
 
-    @property
-    def augmentations(self) -> dict[str, dict[str, Any]]:
-        """The active augmentations, in order (a `null` entry is switched off)."""
-        return {name: dict(kw) for name, kw in self.augment.items() if kw is not None}
 
+class ScreeningParams(_Section):
+    """A screening target (e.g. WHO's TPP for a TB triage test) the operating point is checked against."""
 
-class TppParams(_Section):
+    name: str = Field(min_length=1)
     sensitivity: float = Field(gt=0, le=1)
     specificity: float = Field(gt=0, le=1)
+    tb_only: bool
 
 
 class EvaluateParams(_Section):
     batch_size: Union[int, Literal["auto"]]
-    target_sensitivity: float = Field(gt=0, le=1)
-    who_tpp: TppParams
+    # < 1: no threshold chosen on a finite validation set can promise a sensitivity of 1 on new images
+    target_sensitivity: float = Field(gt=0, lt=1)
+    screening: Optional[ScreeningParams]
     calibration_bins: int = Field(ge=2, le=100)
 
     _batch_size = field_validator("batch_size")(_count_or_auto)
@@ -303,6 +315,7 @@ class StatsParams(_Section):
     resamples: int = Field(ge=100)
     seed: int = Field(ge=0)
     alpha: float = Field(gt=0, lt=0.5)
+    resample_seeds: bool
 
 
 class CompareParams(_Section):
@@ -329,6 +342,7 @@ class ExplainParams(_Section):
 class _ParamsFile(_Section):
     data: DataParams
     train: dict[str, Any]
+    runtime: RuntimeParams
     experiments: dict[str, dict[str, Any]] = Field(min_length=1)
     evaluate: EvaluateParams
     stats: StatsParams

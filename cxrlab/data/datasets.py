@@ -203,7 +203,7 @@ def balanced_weights(labels: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class LoaderSettings:
-    """How a loader feeds the model (`train.num_workers` etc., resolved for the device)."""
+    """How a loader feeds the model (`runtime.num_workers` etc., resolved for the device)."""
 
     workers: int = 0
     pin_memory: bool = False
@@ -212,7 +212,7 @@ class LoaderSettings:
 
 
 def loader_settings(cfg, device: torch.device) -> LoaderSettings:
-    """Resolve the `auto` loader knobs of TrainParams for `device`."""
+    """Resolve the `auto` loader knobs of `runtime` (RuntimeParams) for `device`."""
     workers = auto_workers(cfg.num_workers, device)
     pin = device.type == "cuda" if cfg.pin_memory == "auto" else bool(cfg.pin_memory)
     return LoaderSettings(workers=workers, pin_memory=pin, persistent_workers=cfg.persistent_workers and workers > 0,

@@ -14,8 +14,9 @@ train and evaluate agree on it by construction (docs/cross-validation.md).
 
 Writes `data/split/train.csv` (subset train and val, or fold_0..fold_<k-1>)
 and `test.csv`, with columns filename, label, class, subset, path (relative to
-data/raw), and the report `metrics/split.json`: per class and split, the count
-and the first and last file, and with folds the count of each class per fold.
+data/raw), and the report `metrics/split_report.json`: per class and split, the
+count and the first and last file, and with folds the count of each class per
+fold; `metrics/split.json` holds the total counts only (for dvc exp show).
 """
 
 from __future__ import annotations
@@ -192,6 +193,8 @@ def split_dataset(data: DataParams) -> None:
         write_rows(tmp / paths.TRAIN_CSV.name, train_rows)
         write_rows(tmp / paths.TEST_CSV.name, test_rows)
     write_json(paths.SPLIT_REPORT, report)
+    # the headline for dvc exp show: image counts only (names and bad files stay in the report)
+    write_json(paths.SPLIT_METRICS, {**report["total"], "bad_images": report["bad_images"]})
     for name, entry in report["classes"].items():
         t, tr = entry["test"], entry["train"]
         held = (f"in {data.folds} folds" if data.folds else f"{tr['of_which_val']} held out for validation")

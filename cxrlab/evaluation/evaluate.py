@@ -1,19 +1,24 @@
 """Stage `evaluate@<variant>`: score the best and last checkpoints of every seed on the test set.
 
 Writes to `metrics/evaluate/<variant>/`:
-- `metrics.json`: for `best` (the epoch chosen on validation) and `last`,
+- `metrics.json`: `{<variant>: headline}`, the numbers of the best checkpoint
+  for `dvc exp show` (`scoring.HEADLINE`: accuracy, F1, sensitivity, specificity, ROC AUC,
+  ECE, the operating point's test sensitivity and specificity, and the 95 %
+  bounds of F1, ROC AUC and the operating sensitivity); numbers only;
+- `report.json`: everything: for `best` (the epoch chosen on validation) and `last`,
   at the argmax (0.5) decision: accuracy, the positive class's F1,
   sensitivity, specificity and precision, ROC AUC, macro averages, each with
   its bootstrap interval beside it (`accuracy_ci`); per-class values keyed by
   class name; the confusion matrix {true: {predicted: count}}; the expected
   calibration error; and `operating_point`: the threshold chosen on
-  validation for `evaluate.target_sensitivity`, the test sensitivity and
-  specificity there (with intervals) and whether they meet the WHO target
-  product profile. With several seeds: the mean over seeds, `_sd` across
-  seeds, and each seed's own report under `per_seed`;
+  validation for `evaluate.target_sensitivity` (each seed's own), the test
+  sensitivity and specificity there (with intervals) and whether they meet
+  the screening target of `evaluate.screening`. With several seeds: the
+  mean over seeds, `_sd` across seeds, and each seed's own report under
+  `per_seed`; `intervals` says what the intervals cover;
 - `predictions.csv`: per seed and test image, each checkpoint's class
-  probabilities and prediction, and the best checkpoint's decision at the
-  operating threshold;
+  probabilities (exact: they read back bit for bit) and prediction, and the
+  best checkpoint's decision at the operating threshold;
 - `calibration.csv`: the reliability bins of each seed's best checkpoint;
 - `val_predictions.csv`: per seed and validation image, each checkpoint's
   class probabilities: the images the operating threshold is chosen on (the
@@ -24,7 +29,7 @@ Writes to `metrics/evaluate/<variant>/`:
 
 With `data.folds: k` a seed's test probabilities are the mean of its k
 fold models' and its validation set is the pooled out-of-fold predictions;
-`cross_validation` in the report holds each fold's validation metrics and
+`cross_validation` in report.json (not the headline) holds each fold's validation metrics and
 their spread (cxrlab.evaluation.folds).
 
 The ensemble stage reuses the loading and prediction helpers and
@@ -34,8 +39,8 @@ The ensemble stage reuses the loading and prediction helpers and
 from __future__ import annotations
 
 import csv
+from collections.abc import Hashable
 from pathlib import Path
-from typing import Hashable
 
 import numpy as np
 import torch
@@ -47,7 +52,14 @@ from cxrlab.config.load import Params
 from cxrlab.data.datasets import Split, eval_batch_size, prepared_image_size
 from cxrlab.errors import UserError
 from cxrlab.evaluation.folds import ScoringData, describe, fold_loaders, fold_report, pool_out_of_fold, scoring_data
-from cxrlab.evaluation.scoring import seed_report, seeds_report
+from cxrlab.evaluation.scoring import (
+    INTERVALS,
+    MIN_SEEDS_TO_RESAMPLE,
+    headline,
+    interval_kind,
+    seed_report,
+    seeds_report,
+)
 from cxrlab.io.fsio import atomic_file, check_writable, write_json
 from cxrlab.model.backbones import load_checkpoint, model_from_checkpoint
 from cxrlab.training.engine import predict
@@ -79,9 +91,10 @@ def write_rows(path, header: list[str], rows: list[list]) -> None:
 
 
 def runtime(params: Params) -> Runtime:
-    """The shared runtime settings of `train`: device, precision, determinism."""
+    """The device (`runtime`) and the memory format and determinism of `train`, shared with training; never
+    mixed precision (evaluation is float32 on every device, so `train.amp` is not a param of evaluate)."""
     run = params.train
-    return setup(run.device, run.amp, run.channels_last, run.deterministic)
+    return setup(params.runtime.device, False, run.channels_last, run.deterministic)
 
 
 def predict_checkpoint(path: Path, classes: list[str], image_size: int, rt: Runtime,
@@ -161,22 +174,30 @@ def report_and_write(title: str, out: Path, header: dict, seeds: list[Hashable],
                      epochs: dict[str, dict[Hashable, int | None]], test: Split, y_val: np.ndarray | None,
                      params: Params) -> None:
     """Everything after the probabilities: score each run (`seeds`: a variant's seeds, an ensemble's one run)
-    and write metrics.json (`header` first), predictions.csv, calibration.csv and the DVCLive plots to `out`;
-    print the headline as `<title> best: ...`."""
+    and write report.json (`header` first), the headline metrics.json, predictions.csv, calibration.csv and
+    the DVCLive plots to `out`; print the headline as `<title> best: ...`."""
     ev, st, positive = params.evaluate, params.stats, params.data.positive_class
     classes, y = test.classes, test.labels
+    runs = [f"seed_{s}" for s in seeds]
+    kind = interval_kind(len(seeds), st)
     report: dict = {**header,
-                    "method": (f"{st.ci_level:.0%} intervals: stratified bootstrap, {st.resamples} resamples, "
-                               f"percentile; headline metrics at the argmax (0.5) decision")}
-    per_seed: dict[str, dict] = {f"seed_{s}": {} for s in seeds}
+                    "method": (f"{st.ci_level:.0%} intervals: percentile bootstrap, {st.resamples} resamples; "
+                               "headline metrics at the argmax (0.5) decision"
+                               + (f", the mean over {len(seeds)} seeds" if len(seeds) > 1 else "")),
+                    "intervals": INTERVALS[kind]}
+    if st.resample_seeds and kind == "test":
+        report["intervals_note"] = (f"stats.resample_seeds needs >= {MIN_SEEDS_TO_RESAMPLE} seeds; "
+                                    f"with {len(seeds)} the intervals cover test sampling only")
+    per_seed: dict[str, dict] = {r: {} for r in runs}
     bins: dict[Hashable, list[dict]] = {}
     for which in CHECKPOINTS:
         seed_reports = []
-        for seed in seeds:
-            r, b = seed_report(y, probs[which][seed], y_val, val_probs[which].get(seed), classes, positive, ev, st)
+        for seed, run in zip(seeds, runs):
+            r, b = seed_report(y, probs[which][seed], y_val, val_probs[which].get(seed), classes, positive, run,
+                               ev, st)
             r = {"epoch": epochs[which][seed], **r}
             seed_reports.append(r)
-            per_seed[f"seed_{seed}"][which] = r
+            per_seed[run][which] = r
             if which == "best":
                 bins[seed] = b
         if len(seeds) == 1:
@@ -184,7 +205,7 @@ def report_and_write(title: str, out: Path, header: dict, seeds: list[Hashable],
         else:
             report[which] = seeds_report(y, [probs[which][s] for s in seeds], y_val,
                                          [val_probs[which][s] for s in seeds] if y_val is not None else None,
-                                         seed_reports, classes, positive, ev, st)
+                                         seed_reports, runs, classes, positive, ev, st)
     if len(seeds) > 1:
         report["per_seed"] = per_seed
 
@@ -203,37 +224,54 @@ def report_and_write(title: str, out: Path, header: dict, seeds: list[Hashable],
         columns += [f"{which}_prob_{c}" for c in classes] + [f"{which}_predicted"]
     columns += ["best_threshold", "best_decision"]
     rows = []
-    for seed in seeds:
-        op = per_seed[f"seed_{seed}"]["best"].get("operating_point")
-        threshold = op["threshold"] if op else None
+    for seed, run in zip(seeds, runs):
+        op = per_seed[run]["best"].get("operating_point")
+        threshold = (op.get("thresholds") or {}).get(run) if op else None
         for i, r in enumerate(test.rows):
             line = [seed, r["filename"], r["class"], r["label"]]
             for which in CHECKPOINTS:
                 p = probs[which][seed][i]
-                line += [f"{v:.6f}" for v in p] + [classes[int(p.argmax())]]
+                line += [exact(v) for v in p] + [classes[int(p.argmax())]]
             p = probs["best"][seed][i]
             decision = classes[int(p.argmax())] if threshold is None else \
                 classes[pos] if p[pos] >= threshold else classes[1 - pos]
-            line += ["" if threshold is None else f"{threshold:.6f}", decision]
+            line += ["" if threshold is None else exact(threshold), decision]
             rows.append(line)
     write_rows(out / "predictions.csv", columns, rows)
     write_rows(out / "calibration.csv", ["seed", "bin", "low", "high", "count", "confidence", "accuracy"],
                [[s, b["bin"], b["low"], b["high"], b["count"], "" if b["confidence"] is None else b["confidence"],
                  "" if b["accuracy"] is None else b["accuracy"]] for s, table in bins.items() for b in table])
-    write_json(out / "metrics.json", report)  # after live.end(), which writes an empty one
+    write_json(out / "report.json", report)
+    # keyed by the model's name, so `dvc exp show` names the column `baseline.f1`, not by file and path
+    write_json(out / "metrics.json", {out.name: headline(report["best"])})  # after live.end(), which writes one
 
     for which in CHECKPOINTS:
-        m = report[which]
-        ci = m["accuracy_ci"]
-        auc = f"{m['roc_auc']:.4f}" if m["roc_auc"] is not None else "n/a"
-        line = (f"{title} {which}: accuracy {m['accuracy']:.4f} "
-                f"[{ci['low']:.4f}, {ci['high']:.4f}], F1({positive}) {m['f1']:.4f}, "
-                f"sensitivity {m['sensitivity']:.4f}, specificity {m['specificity']:.4f}, ROC AUC {auc}, "
-                f"ECE {m['ece']:.4f}")
-        op = m.get("operating_point")
-        if op:
-            line += (f"; at threshold {op['threshold']:.3f}: sensitivity {op['test']['sensitivity']:.4f}, "
-                     f"specificity {op['test']['specificity']:.4f}, "
-                     f"WHO TPP {'met' if op['meets_who_tpp'] else 'not met'}")
-        print(line)
+        print(headline_line(f"{title} {which}", report[which], positive))
+    op = report["best"].get("operating_point") or {}
+    for key in ("message", "warning"):
+        if op.get(key):
+            print(f"{title}: {op[key]}")
 
+
+def exact(value) -> str:
+    """A probability or threshold as text that reads back as exactly the same number (shortest repr),
+    so compare scores what evaluate scored: six decimals made ties and moved ROC AUC and argmax."""
+    return repr(float(value))
+
+
+def headline_line(title: str, m: dict, positive: str) -> str:
+    """One line of the stage output: the headline metrics and the operating point."""
+    ci = m["accuracy_ci"]
+    auc = f"{m['roc_auc']:.4f}" if m["roc_auc"] is not None else "n/a"
+    line = (f"{title}: accuracy {m['accuracy']:.4f} "
+            f"[{ci['low']:.4f}, {ci['high']:.4f}], F1({positive}) {m['f1']:.4f}, "
+            f"sensitivity {m['sensitivity']:.4f}, specificity {m['specificity']:.4f}, ROC AUC {auc}, "
+            f"ECE {m['ece']:.4f}")
+    op = m.get("operating_point")
+    if op and op.get("thresholds"):
+        thresholds = ", ".join(f"{t:.3f}" for t in op["thresholds"].values())
+        line += (f"; at threshold {thresholds}: sensitivity {op['test']['sensitivity']:.4f}, "
+                 f"specificity {op['test']['specificity']:.4f}")
+        if op.get("target"):
+            line += f", {op['target']['name']} {'met' if op['meets_target'] else 'not met'}"
+    return line

@@ -1,29 +1,64 @@
-"""From test predictions to the evaluate report of one checkpoint kind (best or last).
+"""From test predictions to the evaluate report of one checkpoint kind (best or last), and its headline.
 
 For each seed: the metrics at the argmax (0.5) decision, a confidence
 interval beside each headline value (`accuracy` then `accuracy_ci`), the
 expected calibration error, and the operating point (a threshold chosen on
-validation for a target sensitivity) with its test sensitivity and
-specificity and whether it meets the WHO target product profile.
+validation for a target sensitivity, see `stats.threshold_for_sensitivity`)
+with its test sensitivity and specificity and whether it meets the
+screening target of params (`evaluate.screening`).
 
 With several seeds, the headline is the mean over seeds, `<metric>_sd` the
 standard deviation across seeds (training noise), and `<metric>_ci` a
-bootstrap interval of the seed-averaged metric (test-sample noise).
+bootstrap interval of the seed-averaged metric: over test images only, or,
+with `stats.resample_seeds` and three or more seeds, over seeds and test
+images together. `INTERVALS` names what each covers; the report says which.
+
+`headline` picks the few numbers `metrics.json` holds for `dvc exp show`.
 """
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
-from cxrlab.config.schema import EvaluateParams, StatsParams
+from cxrlab.config.schema import EvaluateParams, ScreeningParams, StatsParams
 from cxrlab.evaluation import stats
 from cxrlab.evaluation.metrics import classification_metrics
+
+INTERVALS = {
+    "test": "test sampling: a stratified bootstrap of the test images, the trained model(s) held fixed",
+    "seeds+test": "seeds and test sampling: a hierarchical bootstrap drawing the seeds and the test images",
+}
+MIN_SEEDS_TO_RESAMPLE = 3  # fewer seeds say too little about seed-to-seed spread to resample them
 
 
 def _get(d: dict, dotted: str):
     for part in dotted.split("."):
         d = d[part]
     return d
+
+
+def interval_kind(seeds: int, st: StatsParams) -> str:
+    """The key of `INTERVALS` that the intervals of a `seeds`-run report cover."""
+    return "seeds+test" if st.resample_seeds and seeds >= MIN_SEEDS_TO_RESAMPLE else "test"
+
+
+def tb_like(class_name: str) -> bool:
+    """Whether a class name says tuberculosis: `TB`, `tb_positive`, `Tuberculosis` (not `tablet`)."""
+    return re.search(r"(^|[^a-z])tb([^a-z]|$)|tubercul", class_name.lower()) is not None
+
+
+def screening_target(ev: EvaluateParams, positive_class: str) -> tuple[ScreeningParams | None, str]:
+    """The screening target that applies to `positive_class`, and a sentence saying which (or why none)."""
+    target = ev.screening
+    if target is None:
+        return None, "no screening target (evaluate.screening is null)"
+    if target.tb_only and not tb_like(positive_class):
+        return None, (f"no screening target: {target.name} is for tuberculosis and the positive class is "
+                      f"{positive_class} (set evaluate.screening for it, with tb_only: false)")
+    return target, (f"screening target {target.name}: sensitivity >= {target.sensitivity}, "
+                    f"specificity >= {target.specificity}")
 
 
 def with_intervals(metrics: dict, intervals: dict[str, dict], suffix: str = "_ci") -> dict:
@@ -40,56 +75,75 @@ def with_intervals(metrics: dict, intervals: dict[str, dict], suffix: str = "_ci
     return out
 
 
-def operating_point(y_val, prob_val, y_test, probs_test: list[np.ndarray], thresholds: list[float | None],
-                    positive: int, ev: EvaluateParams, st: StatsParams) -> dict | None:
-    """Test sensitivity and specificity at the validation-chosen threshold(s), with intervals."""
-    if any(t is None for t in thresholds):
-        return None
+def operating_point(y_val, probs_val: list[np.ndarray] | None, y_test, probs_test: list[np.ndarray],
+                    runs: list[str], classes: list[str], positive_class: str,
+                    ev: EvaluateParams, st: StatsParams) -> dict:
+    """The validation-chosen threshold of each run (`runs`: labels such as `seed_42`) and the test
+    sensitivity and specificity there, averaged over runs, with intervals; or why there is none."""
+    pos = classes.index(positive_class)
+    target = ev.target_sensitivity
+    n_pos = int(np.sum(np.asarray(y_val) == pos)) if y_val is not None else 0
+    k = stats.threshold_rank(n_pos, target)
+    result: dict = {
+        "rule": (f"per run, the {k}-th lowest score p({positive_class}) of the {n_pos} validation positives "
+                 f"(k = floor((1 - {target}) x (n + 1))): the expected sensitivity on new images is "
+                 f"1 - k / (n + 1) >= {target}"),
+        "target_sensitivity": target,
+        "validation_positives": n_pos,
+    }
+    screening, result["target_text"] = screening_target(ev, positive_class)
+    result["target"] = screening.model_dump() if screening else None
+    needed = stats.min_positives(target)
+    if n_pos < needed:
+        result["thresholds"] = None
+        result["message"] = (f"{n_pos} validation images of {positive_class}: the threshold rule needs at least "
+                             f"{needed} for target sensitivity {target}; no operating point, the metrics are at "
+                             "the argmax only (raise data.val_fraction or add images)")
+        return result
+    thresholds = [stats.threshold_for_sensitivity(np.asarray(y_val) == pos, pv[:, pos], target) for pv in probs_val]
+    result["thresholds"] = dict(zip(runs, thresholds))
+    result["expected_sensitivity"] = 1 - k / (n_pos + 1)
+    if n_pos < stats.FEW_POSITIVES:
+        result["warning"] = (f"only {n_pos} validation images of {positive_class} (fewer than "
+                             f"{stats.FEW_POSITIVES}): the threshold is uncertain; mind the validation "
+                             "sensitivity's interval")
+    val = stats.per_model_metrics(y_val, probs_val, np.arange(len(y_val))[None, :], pos, thresholds)
+    val_sens = val["sensitivity"][:, 0]
+    result["validation"] = {"sensitivity": float(val_sens.mean()),
+                            "specificity": float(val["specificity"][:, 0].mean())}
+    if len(runs) == 1:  # Clopper-Pearson of one run's count of positives caught
+        result["validation"]["sensitivity_ci"] = stats.clopper_pearson(round(val_sens[0] * n_pos), n_pos,
+                                                                       st.ci_level)
     full = np.arange(len(y_test))[None, :]
-    point = stats.resampled_metrics(y_test, probs_test, full, positive, thresholds)
-    ci = stats.bootstrap_intervals(y_test, probs_test, positive, st.resamples, st.seed, st.ci_level, thresholds)
+    point = stats.resampled_metrics(y_test, probs_test, full, pos, thresholds)
+    ci = stats.bootstrap_intervals(y_test, probs_test, pos, st.resamples, st.seed, st.ci_level, thresholds,
+                                   resample_models=interval_kind(len(runs), st) == "seeds+test")
     test = {}
     for name in ("sensitivity", "specificity", "accuracy", "f1"):
         test[name] = float(point[name][0])
         test[name + "_ci"] = ci[name]
-    tpp = ev.who_tpp
-    result = {
-        "rule": ("the highest threshold on the positive class's probability whose validation "
-                 f"sensitivity is >= {ev.target_sensitivity}"),
-        "target_sensitivity": ev.target_sensitivity,
-        "threshold": float(np.mean(thresholds)),
-        "test": test,
-        "who_tpp": {"sensitivity": tpp.sensitivity, "specificity": tpp.specificity},
-        "meets_who_tpp": bool(test["sensitivity"] >= tpp.sensitivity and test["specificity"] >= tpp.specificity),
-        "meets_who_tpp_at_ci_low": bool(
-            (test["sensitivity_ci"]["low"] or 0) >= tpp.sensitivity
-            and (test["specificity_ci"]["low"] or 0) >= tpp.specificity),
-    }
-    if y_val is not None and len(y_val):
-        val = stats.resampled_metrics(y_val, prob_val, np.arange(len(y_val))[None, :], positive, thresholds)
-        result["val"] = {"sensitivity": float(val["sensitivity"][0]), "specificity": float(val["specificity"][0])}
+    result["test"] = test
+    if screening:
+        result["meets_target"] = bool(test["sensitivity"] >= screening.sensitivity
+                                      and test["specificity"] >= screening.specificity)
+        result["meets_target_at_ci_low"] = bool(
+            (test["sensitivity_ci"]["low"] or 0) >= screening.sensitivity
+            and (test["specificity_ci"]["low"] or 0) >= screening.specificity)
     return result
 
 
-def seed_report(y, prob, y_val, prob_val, classes: list[str], positive: str,
+def seed_report(y, prob, y_val, prob_val, classes: list[str], positive: str, run: str,
                 ev: EvaluateParams, st: StatsParams) -> tuple[dict, list[dict]]:
-    """One seed's checkpoint on the test set; returns (report, reliability bins)."""
+    """One run's checkpoint (`run`: its label, e.g. `seed_42`) on the test set; returns (report, reliability bins)."""
     pos = classes.index(positive)
     metrics = classification_metrics(y, prob, classes, positive)
     intervals = stats.bootstrap_intervals(y, [prob], pos, st.resamples, st.seed, st.ci_level)
     report = with_intervals(metrics, intervals)
     report["ece"], bins = stats.calibration(y, prob, ev.calibration_bins)
     if len(classes) == 2:
-        threshold = threshold_on_validation(y_val, prob_val, pos, ev.target_sensitivity)
         report["operating_point"] = operating_point(
-            y_val, [prob_val] if y_val is not None else None, y, [prob], [threshold], pos, ev, st)
+            y_val, [prob_val] if y_val is not None else None, y, [prob], [run], classes, positive, ev, st)
     return report, bins
-
-
-def threshold_on_validation(y_val, prob_val, positive: int, target: float) -> float | None:
-    if y_val is None or not len(y_val):
-        return None
-    return stats.threshold_for_sensitivity(np.asarray(y_val) == positive, prob_val[:, positive], target)
 
 
 def mean_report(reports: list[dict]) -> dict:
@@ -110,11 +164,13 @@ def mean_report(reports: list[dict]) -> dict:
 
 
 def seeds_report(y, probs: list[np.ndarray], y_val, probs_val: list[np.ndarray] | None, per_seed: list[dict],
-                 classes: list[str], positive: str, ev: EvaluateParams, st: StatsParams) -> dict:
+                 runs: list[str], classes: list[str], positive: str, ev: EvaluateParams, st: StatsParams) -> dict:
     """The headline of several seeds: mean, sd across seeds, and the interval of the mean."""
     pos = classes.index(positive)
     headline = mean_report(per_seed)
-    intervals = stats.bootstrap_intervals(y, probs, pos, st.resamples, st.seed, st.ci_level)
+    resample = interval_kind(len(probs), st) == "seeds+test"
+    intervals = stats.bootstrap_intervals(y, probs, pos, st.resamples, st.seed, st.ci_level,
+                                          resample_models=resample)
     for name in stats.INTERVAL_METRICS:
         parent, _, leaf = name.rpartition(".")
         node = _get(headline, parent) if parent else headline
@@ -122,6 +178,32 @@ def seeds_report(y, probs: list[np.ndarray], y_val, probs_val: list[np.ndarray] 
         node[leaf + "_sd"] = float(np.std([_get(r, name) for r in per_seed], ddof=1))
     headline["ece_sd"] = float(np.std([r["ece"] for r in per_seed], ddof=1))
     if len(classes) == 2:
-        thresholds = [threshold_on_validation(y_val, pv, pos, ev.target_sensitivity) for pv in (probs_val or [])]
-        headline["operating_point"] = operating_point(y_val, probs_val, y, probs, thresholds or [None], pos, ev, st)
+        headline["operating_point"] = operating_point(y_val, probs_val, y, probs, runs, classes, positive, ev, st)
     return headline
+
+
+# The headline numbers of a report in metrics.json: (key there, path in the report).
+HEADLINE = (
+    ("accuracy", "accuracy"), ("f1", "f1"), ("f1_low", "f1_ci.low"), ("f1_high", "f1_ci.high"),
+    ("sensitivity", "sensitivity"), ("specificity", "specificity"),
+    ("roc_auc", "roc_auc"), ("roc_auc_low", "roc_auc_ci.low"), ("roc_auc_high", "roc_auc_ci.high"),
+    ("ece", "ece"),
+    ("op_sensitivity", "operating_point.test.sensitivity"),
+    ("op_sensitivity_low", "operating_point.test.sensitivity_ci.low"),
+    ("op_specificity", "operating_point.test.specificity"),
+)
+
+
+def headline(report: dict) -> dict[str, float]:
+    """The few numbers of one checkpoint's report that `dvc exp show` displays: numbers only
+    (a metric undefined on the data, or an operating point that could not be chosen, is left out)."""
+    out = {}
+    for key, path in HEADLINE:
+        try:
+            value = _get(report, path)
+        except (KeyError, TypeError):
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = value
+    return out
+

@@ -6,11 +6,15 @@
   of the metric over resamples. Everything is vectorised over resamples
   (confusion counts with one `bincount`, ROC AUC from ranks), so 1,000
   resamples of 920 images take well under a second.
+- Several seeds: optionally a two-level (hierarchical) bootstrap that also
+  resamples the seeds, so the interval covers training noise as well.
 - Paired comparisons on the same test images: McNemar's exact test on the
   discordant pairs, and paired bootstrap intervals of metric differences;
-  p-values are Holm-corrected across the comparisons of one family.
-- The operating point: the highest threshold that reaches a target
-  sensitivity.
+  bootstrap p-values are never 0 (the (1 + count) / (B + 1) form); p-values
+  are Holm-corrected over one family.
+- The operating point: an order statistic of the validation positives'
+  scores chosen so that the expected sensitivity on new data reaches the
+  target, with the Clopper-Pearson interval of the validation sensitivity.
 - Calibration: expected calibration error of the top-label confidence.
 """
 
@@ -94,27 +98,45 @@ def auc_batch(y: np.ndarray, prob: np.ndarray, positive: int) -> np.ndarray:
     return np.mean(aucs, axis=0)
 
 
-def resampled_metrics(y: np.ndarray, probs: list[np.ndarray], idx: np.ndarray, positive: int,
+def per_model_metrics(y: np.ndarray, probs: list[np.ndarray], idx: np.ndarray, positive: int,
                       thresholds: list[float | None] | None = None) -> dict[str, np.ndarray]:
-    """Each headline metric on every resample `idx`, averaged over the models in `probs`.
+    """Each headline metric of each model in `probs` on every resample `idx`: {name: (models x B)}.
 
-    Several models (e.g. the seeds of a variant) are scored on the same
-    resampled images and their metrics averaged. With `thresholds` (one per
-    model), a binary prediction is positive when the positive class's
-    probability is >= the model's threshold; otherwise the argmax.
+    With `thresholds` (one per model), a binary prediction is positive when
+    the positive class's probability is >= the model's threshold; otherwise
+    the argmax.
     """
     y_b = np.asarray(y)[idx]
     k = probs[0].shape[1]
     thresholds = thresholds or [None] * len(probs)
-    total: dict[str, np.ndarray] = {}
+    rows: dict[str, list[np.ndarray]] = {}
     for prob, threshold in zip(probs, thresholds):
         p_b = np.asarray(prob)[idx]
         pred = predict_labels(p_b, positive, threshold)
         values = metrics_from_confusion(confusion_batch(y_b, pred, k), positive)
         values["roc_auc"] = auc_batch(y_b, p_b, positive)
         for name, v in values.items():
-            total[name] = total.get(name, 0) + v / len(probs)
-    return total
+            rows.setdefault(name, []).append(v)
+    return {name: np.stack(v) for name, v in rows.items()}
+
+
+def resampled_metrics(y: np.ndarray, probs: list[np.ndarray], idx: np.ndarray, positive: int,
+                      thresholds: list[float | None] | None = None) -> dict[str, np.ndarray]:
+    """Each headline metric on every resample `idx`, averaged over the models in `probs`.
+
+    Several models (e.g. the seeds of a variant) are scored on the same
+    resampled images and their metrics averaged (see `per_model_metrics`).
+    """
+    return {name: v.mean(axis=0) for name, v in per_model_metrics(y, probs, idx, positive, thresholds).items()}
+
+
+def seed_weights(models: int, resamples: int, seed: int) -> np.ndarray:
+    """(models x B) weights of a bootstrap over models: each column draws `models` of them with
+    replacement, a model's weight is the share of draws it got (columns sum to 1)."""
+    rng = np.random.default_rng([seed, 1])  # a stream of its own: the image draws stay those of `seed`
+    draws = rng.integers(0, models, (resamples, models))
+    counts = np.stack([(draws == m).sum(axis=1) for m in range(models)])
+    return counts / models
 
 
 def predict_labels(prob: np.ndarray, positive: int, threshold: float | None = None) -> np.ndarray:
@@ -135,10 +157,23 @@ def percentile_interval(values: np.ndarray, level: float) -> dict[str, float | N
 
 
 def bootstrap_intervals(y, probs: list[np.ndarray], positive: int, resamples: int, seed: int,
-                        level: float, thresholds: list[float | None] | None = None) -> dict[str, dict]:
-    """{metric: {"low", "high"}} for every metric of `INTERVAL_METRICS`."""
+                        level: float, thresholds: list[float | None] | None = None,
+                        resample_models: bool = False) -> dict[str, dict]:
+    """{metric: {"low", "high"}} for every metric of `INTERVAL_METRICS`, of the mean over `probs`' models.
+
+    Default: the test images are resampled and the models (seeds) kept, so the
+    interval covers test sampling only. `resample_models`: a hierarchical
+    bootstrap that also draws the models with replacement in every resample,
+    so the interval covers seed-to-seed (training) variation as well.
+    """
     idx = stratified_indices(y, resamples, seed)
-    dist = resampled_metrics(y, probs, idx, positive, thresholds)
+    per_model = per_model_metrics(y, probs, idx, positive, thresholds)
+    if resample_models:
+        weights = seed_weights(len(probs), resamples, seed)
+        with np.errstate(invalid="ignore"):
+            dist = {name: (v * weights).sum(axis=0) for name, v in per_model.items()}
+    else:
+        dist = {name: v.mean(axis=0) for name, v in per_model.items()}
     return {name: percentile_interval(dist[name], level) for name in INTERVAL_METRICS}
 
 
@@ -155,6 +190,27 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
     return {"a_right_b_wrong": b, "a_wrong_b_right": c, "p_value": min(p, 1.0)}
 
 
+def bootstrap_p_value(diff: np.ndarray) -> float | None:
+    """Two-sided bootstrap p-value of "no difference" from the resampled differences `diff`.
+
+    (1 + the count in the smaller tail) / (B + 1), doubled and capped at 1: the
+    resamples count as draws beside the observed data (Davison & Hinkley 1997,
+    eq. 4.11), so p is never 0; its floor 2 / (B + 1) means "at most this"
+    (see `p_value_floor`).
+    """
+    diff = np.asarray(diff)
+    diff = diff[np.isfinite(diff)]
+    if diff.size == 0:
+        return None
+    tail = min(int(np.sum(diff <= 0)), int(np.sum(diff >= 0)))
+    return min(1.0, 2 * (1 + tail) / (diff.size + 1))
+
+
+def p_value_floor(resamples: int) -> float:
+    """The smallest p-value `bootstrap_p_value` gives with `resamples` resamples."""
+    return 2 / (resamples + 1)
+
+
 def paired_bootstrap(y, prob_a: np.ndarray, prob_b: np.ndarray, positive: int, metrics: tuple[str, ...],
                      resamples: int, seed: int, level: float) -> dict[str, dict]:
     """B minus A on the same resampled images: difference, interval and two-sided p-value."""
@@ -168,9 +224,10 @@ def paired_bootstrap(y, prob_a: np.ndarray, prob_b: np.ndarray, positive: int, m
     for name in metrics:
         diff = db[name] - da[name]
         diff = diff[np.isfinite(diff)]
-        p = min(1.0, 2 * min(np.mean(diff <= 0), np.mean(diff >= 0))) if diff.size else None
+        p = bootstrap_p_value(diff)
         out[name] = {"difference": float(point_b[name][0] - point_a[name][0]),
-                     **percentile_interval(diff, level), "p_value": p}
+                     **percentile_interval(diff, level), "p_value": p,
+                     "p_at_floor": bool(p is not None and p <= p_value_floor(diff.size))}
     return out
 
 
@@ -187,17 +244,50 @@ def holm(p_values: list[float | None]) -> list[float | None]:
 
 
 # ---------------------------------------------------------- operating point
-def threshold_for_sensitivity(is_positive: np.ndarray, score: np.ndarray, target: float) -> float | None:
-    """The highest threshold t with sensitivity P(score >= t | positive) >= target.
+# Fewer validation positives than this: no threshold (the metrics stay at the argmax).
+MIN_POSITIVES = 5
+# Fewer than this: a threshold, with a warning that it is uncertain.
+FEW_POSITIVES = 30
 
-    The highest such t keeps the most negatives below it, so it also gives the
-    best specificity that meets the target. None without positives.
+
+def threshold_rank(n_positives: int, target: float) -> int:
+    """k of the rule "the threshold is the k-th lowest validation positive score": k = floor((1 - target)(n + 1)).
+
+    For continuous scores, a new positive falls below the k-th lowest of n
+    exchangeable positive scores with probability k / (n + 1), so the
+    expected sensitivity on new data is 1 - k / (n + 1) >= target (a
+    conformal-prediction bound). Reaching exactly the target on validation
+    (the naive rule) is optimistic: its expected sensitivity falls short.
+    0 when n is too small for any order statistic to guarantee the target.
     """
-    pos_scores = np.sort(np.asarray(score)[np.asarray(is_positive, bool)])[::-1]
-    if pos_scores.size == 0:
+    # the 1e-9 absorbs float error, e.g. (1 - 0.9) * 10 = 0.9999999999999998
+    return math.floor((1 - target) * (n_positives + 1) + 1e-9)
+
+
+def min_positives(target: float) -> int:
+    """The fewest validation positives for which the rule gives a threshold."""
+    needed = math.ceil(1 / (1 - target) - 1 - 1e-9)  # threshold_rank >= 1
+    return max(MIN_POSITIVES, needed)
+
+
+def threshold_for_sensitivity(is_positive: np.ndarray, score: np.ndarray, target: float) -> float | None:
+    """The k-th lowest positive score, k = `threshold_rank`: expected sensitivity on new data >= target.
+
+    A prediction is positive when its score is >= the threshold. None with
+    fewer positives than `min_positives(target)`.
+    """
+    pos_scores = np.sort(np.asarray(score)[np.asarray(is_positive, bool)])
+    if pos_scores.size < min_positives(target):
         return None
-    needed = max(1, math.ceil(target * pos_scores.size - 1e-9))
-    return float(pos_scores[needed - 1])
+    return float(pos_scores[threshold_rank(pos_scores.size, target) - 1])
+
+
+def clopper_pearson(successes: int, trials: int, level: float) -> dict[str, float | None]:
+    """The exact (Clopper-Pearson) interval of a proportion, via scipy."""
+    if trials == 0:
+        return {"low": None, "high": None}
+    ci = binomtest(successes, trials).proportion_ci(confidence_level=level, method="exact")
+    return {"low": float(ci.low), "high": float(ci.high)}
 
 
 # -------------------------------------------------------------- calibration

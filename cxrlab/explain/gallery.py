@@ -89,7 +89,7 @@ def explain_variant(variant: str, params: Params) -> None:
     path = paths.served_checkpoint(variant, seed, which)
     ckpt = load_for_test(path, test.classes, prepared_image_size())
     threshold = operating_threshold(variant, seed) if which == "best" else None
-    predictor = make_predictor(ckpt, path, positive_class, threshold, device=params.train.device)
+    predictor = make_predictor(ckpt, path, positive_class, threshold, device=params.runtime.device)
     positive = test.classes.index(positive_class)
 
     probs = predictor.probabilities(test.images, eval_batch_size(params.evaluate.batch_size, predictor.rt.device))

@@ -16,13 +16,29 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from cxrlab.errors import UserError
 
 TMP_MARK = ".tmp-"
 FULL = (errno.ENOSPC, errno.EDQUOT)
+
+# Run before anything is renamed into place; one raising stops the write (and the
+# stage) with nothing published. `cxrlab.config.guard` adds its params check here.
+_publish_checks: list[Callable[[], None]] = []
+
+
+def before_publish(check: Callable[[], None]) -> None:
+    """Run `check()` before every atomic write takes its place."""
+    if check not in _publish_checks:
+        _publish_checks.append(check)
+
+
+def _checked() -> None:
+    for check in _publish_checks:
+        check()
 
 
 def _clean_stale(target: Path) -> None:
@@ -47,6 +63,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _checked()
         os.chmod(tmp_path, 0o644)
         os.replace(tmp_path, target)
     except OSError as err:
@@ -68,6 +85,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tempfile.mkdtemp(prefix=target.name + TMP_MARK, dir=target.parent))
     try:
         yield tmp_path
+        _checked()
         remove(target)
         os.replace(tmp_path, target)
     except OSError as err:

@@ -6,15 +6,14 @@ bins, the paired comparisons and the FLOPs, and writes:
   intervals as error bars), `plots/confusion_matrices.png`,
   `plots/roc_curves.png`, `plots/reliability.png`;
 - `plots/summary.md`: the study's table (variant, epoch, accuracy, F1,
-  confusion matrix, parameters, GFLOPs) with intervals, for the
-  best-on-validation epoch, the last epoch and the study's own test-picked
-  epoch; the operating point and calibration; the paired comparisons;
-- `plots/data/curves.csv`: one row per variant and epoch (the mean over
-  seeds), drawn by the top-level `plots:` of dvc.yaml (colour = variant),
-  since a variant's own DVCLive logs are per seed. The test ROC, precision-
-  recall and confusion matrix that DVC draws are DVCLive's files written by
-  the evaluate stage; `roc_curves.png` and `confusion_matrices.png` are for
-  reports, not declared as DVC plots (docs/plots.md).
+  confusion matrix, parameters, GFLOPs) with intervals (saying what they
+  cover), for the best-on-validation epoch, the last epoch and the study's
+  own test-picked epoch; the operating point (each seed's threshold, the
+  validation evidence, the screening target of params) and calibration; the
+  paired comparisons. It reads the report JSON files, not the headline
+  metrics files;
+- `plots/data/curves.csv` and `plots/data/roc.csv`: one row per variant and
+  point, drawn by the top-level `plots:` of dvc.yaml (colour = variant).
 
 Ensembles appear after the variants wherever test results are shown; they
 have no training curves, single epoch, FLOPs or study protocol ("–").
@@ -102,11 +101,62 @@ def with_ci(m: dict, key: str, digits: int = 4) -> str:
 
 
 def epochs_text(report: dict, which: str) -> str:
-    """The epoch of each seed's checkpoint; "–" for an ensemble, which has none."""
+    """The epoch of each seed's checkpoint (with data.folds each fold model's, f0/f1/...); "–" for an ensemble."""
+    cv = report.get("cross_validation")
+    if cv:
+        return ", ".join("/".join(str(r["epoch"]) for r in s[which]["per_fold"].values())
+                         for s in cv["per_seed"].values())
     if "per_seed" in report:
         return ", ".join(str(r[which]["epoch"]) for r in report["per_seed"].values())
     epoch = report[which]["epoch"]
     return "–" if epoch is None else str(epoch)
+
+
+def _op_row(v: str, report: dict) -> str:
+    """One variant's row of the operating-point table."""
+    best = report["best"]
+    op = best.get("operating_point")
+    ece = with_ci(best, "ece")
+    if not op or not op.get("thresholds"):
+        return f"| {v} | n/a | {op['validation_positives'] if op else 'n/a'} | n/a | n/a | n/a | n/a | n/a | {ece} |"
+    thresholds = ", ".join(f"{t:.4f}" for t in op["thresholds"].values())
+    val = op["validation"]
+    val_text = _fmt(val["sensitivity"])
+    if val.get("sensitivity_ci"):
+        val_text += f" [{_fmt(val['sensitivity_ci']['low'])}, {_fmt(val['sensitivity_ci']['high'])}]"
+    verdict = "–" if not op.get("target") else "met at CI low" if op["meets_target_at_ci_low"] else \
+        "met" if op["meets_target"] else "not met"
+    return (f"| {v} | {thresholds} | {op['validation_positives']} | {val_text} | {_fmt(op['expected_sensitivity'])} "
+            f"| {with_ci(op['test'], 'sensitivity')} | {with_ci(op['test'], 'specificity')} | {verdict} | {ece} |")
+
+
+def operating_point_section(variants: list[str], evals: dict) -> list[str]:
+    """The operating-point table: each seed's threshold, the validation evidence, the test result."""
+    ops = [evals[v]["best"].get("operating_point") for v in variants]
+    op0 = next((o for o in ops if o), None)
+    if op0 is None:
+        return []
+    target = next((o["target_text"] + ". " for o in ops if o and o.get("target_text")), "")
+    target = target[0].upper() + target[1:] if target else ""
+    lines = ["", f"## Operating point: threshold chosen on validation for sensitivity ≥ {op0['target_sensitivity']}",
+             "",
+             ("Rule: each seed's threshold is the k-th lowest score of the n validation positives, "
+              "k = floor((1 - target) x (n + 1)), so its expected sensitivity on new images, 1 - k / (n + 1), "
+              "is at least the target (docs/statistics.md). Thresholds are listed per seed (each seed decides "
+              "at its own); the validation sensitivity of one seed has its exact (Clopper-Pearson) interval; "
+              f"'expected' is the rule's expected test sensitivity. {target}'met' compares the point "
+              "estimates, 'met at CI low' the lower interval bounds. ECE: expected calibration error of the "
+              "top-label confidence."),
+             "",
+             ("| variant | threshold(s) | val. positives | val. sensitivity | expected | test sensitivity "
+              "| test specificity | target | ECE |"),
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [_op_row(v, evals[v]) for v in variants]
+    notes = [f"- {v}: {op[key]}" for v, op in zip(variants, ops) if op for key in ("message", "warning")
+             if op.get(key)]
+    if notes:
+        lines += ["", *notes]
+    return lines
 
 
 def summary_table(variants, evals, trains, flops, classes, positive, comparison_md: str, level: float) -> str:
@@ -120,9 +170,9 @@ def summary_table(variants, evals, trains, flops, classes, positive, comparison_
         "# Results",
         "",
         (f"Test set: {n_test} images. F1, sensitivity and specificity are those of **{positive}**, at the "
-        f"argmax (0.5) decision; {spread} (stratified bootstrap). Confusion matrices: rows are the true class "
-        f"and columns the predicted class, both in the order {', '.join(classes)} (for two classes with the "
-        "second positive: [[TN FP] [FN TP]])."),
+         f"argmax (0.5) decision; {spread}; intervals cover {first['intervals']}. Confusion matrices: rows are "
+         f"the true class and columns the predicted class, both in the order {', '.join(classes)} (for two "
+         "classes with the second positive: [[TN FP] [FN TP]])."),
         "",
         "## Best epoch on validation (headline: no test-set leakage)",
         "",
@@ -146,30 +196,9 @@ def summary_table(variants, evals, trains, flops, classes, positive, comparison_
             f"{with_ci(m, 'sensitivity')} | {with_ci(m, 'specificity')} | {with_ci(m, 'roc_auc')} | "
             f"{confusion_text(m['confusion_matrix'], classes)} |")
 
-    ops = {v: evals[v]["best"].get("operating_point") for v in variants}
-    if any(ops.values()):
-        op0 = next(o for o in ops.values() if o)
-        tpp = op0["who_tpp"]
-        lines += ["",
-                  f"## Operating point: threshold chosen on validation for sensitivity ≥ {op0['target_sensitivity']}",
-                  "",
-                  (f"WHO target product profile for a TB triage test: sensitivity ≥ {tpp['sensitivity']}, "
-                  f"specificity ≥ {tpp['specificity']}. 'met' compares the point estimates; 'met at CI low' the "
-                  "lower ends of the intervals. ECE: expected calibration error of the top-label confidence."),
-                  "",
-                  "| variant | threshold | test sensitivity | test specificity | WHO TPP | ECE |",
-                  "|---|---|---|---|---|---|"]
-        for v in variants:
-            op = ops[v]
-            ece = with_ci(evals[v]["best"], "ece")
-            if not op:
-                lines.append(f"| {v} | n/a | n/a | n/a | n/a | {ece} |")
-                continue
-            verdict = "met at CI low" if op["meets_who_tpp_at_ci_low"] else "met" if op["meets_who_tpp"] else "not met"
-            lines.append(f"| {v} | {op['threshold']:.4f} | {with_ci(op['test'], 'sensitivity')} | "
-                         f"{with_ci(op['test'], 'specificity')} | {verdict} | {ece} |")
-
-    studies = {v: [r.get("study_protocol") for r in trains[v]["seeds"].values()] for v in variants if v in trains}
+    lines += operating_point_section(variants, evals)
+    studies = {v: [r.get("study_protocol") for s in trains[v]["seeds"].values()  # each run: a seed, or seed x fold
+                   for r in (s["folds"].values() if "folds" in s else [s])] for v in variants if v in trains}
     if any(all(s) for s in studies.values()):
         header = "| variant | epoch | accuracy | F1 | confusion |"
         rule = "|---|---|---|---|---|"
@@ -208,11 +237,11 @@ def make_plots(params: Params) -> None:
     scored = list(stage_of)  # the variants, then the ensembles
     positive = params.data.positive_class
 
-    evals = {v: read_json(_require(paths.eval_dir(v) / "metrics.json", stage_of[v])) for v in scored}
-    trains = {v: read_json(_require(paths.train_dir(v) / "metrics.json", f"train@{v}")) for v in variants}
+    evals = {v: read_json(_require(paths.eval_dir(v) / "report.json", stage_of[v])) for v in scored}
+    trains = {v: read_json(_require(paths.train_dir(v) / "report.json", f"train@{v}")) for v in variants}
     curves = {v: mean_curves([read_curves(log) for s in evals[v]["seeds"] for log in paths.run_logs(v, s)])
               for v in variants}  # with data.folds, the mean over seeds and folds
-    flops = read_json(_require(paths.FLOPS, "flops"))
+    flops = read_json(_require(paths.FLOPS_REPORT, "flops"))
     comparison_md = _require(paths.COMPARISON_TABLE, "compare").read_text()
     classes = list(evals[variants[0]]["best"]["confusion_matrix"])
 
@@ -223,13 +252,16 @@ def make_plots(params: Params) -> None:
         rows = [r for r in rows if r["seed"] == first_seed]
         y = np.array([r["class"] == positive for r in rows])
         score = np.array([float(r[f"best_prob_{positive}"]) for r in rows])
+        per_seed = evals[v].get("per_seed")
         if y.any() and not y.all():
             fpr, tpr, _ = roc_curve(y, score)
-            per_seed = evals[v].get("per_seed")
             auc = per_seed[f"seed_{first_seed}"]["best"]["roc_auc"] if per_seed else evals[v]["best"]["roc_auc"]
             rocs[v] = (fpr, tpr, auc)
         bins = read_rows(paths.eval_dir(v) / "calibration.csv", stage_of[v])
-        reliability[v] = ([b for b in bins if b["seed"] == first_seed], evals[v]["best"]["ece"])
+        # the ECE printed beside a seed's bins is that seed's, not the mean over seeds
+        ece = per_seed[f"seed_{first_seed}"]["best"]["ece"] if per_seed else evals[v]["best"]["ece"]
+        label = f"{v} (seed {first_seed})" if per_seed else v
+        reliability[label] = ([b for b in bins if b["seed"] == first_seed], ece)
 
     with atomic_dir(paths.PLOTS) as out:
         best_epoch = {v: evals[v]["best"]["epoch"] for v in variants}

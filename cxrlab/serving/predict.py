@@ -111,14 +111,13 @@ def make_predictor(ckpt: dict, path: str | Path, positive_class: str | None = No
 
 
 def operating_threshold(variant: str, seed: int) -> float | None:
-    """The threshold evaluate chose on validation for `seed`'s best checkpoint, or None."""
-    report_path = paths.eval_dir(variant) / "metrics.json"
+    """The threshold evaluate chose on validation for `seed`'s best checkpoint (its report.json), or None."""
+    report_path = paths.eval_dir(variant) / "report.json"
     if not report_path.is_file():
         return None
-    report = read_json(report_path)
-    per_seed = report.get("per_seed", {}).get(f"seed_{seed}") if "per_seed" in report else report
-    op = ((per_seed or {}).get("best") or {}).get("operating_point")
-    return float(op["threshold"]) if op and op.get("threshold") is not None else None
+    op = (read_json(report_path).get("best") or {}).get("operating_point") or {}
+    threshold = (op.get("thresholds") or {}).get(f"seed_{seed}")
+    return None if threshold is None else float(threshold)
 
 
 def variant_predictor(variant: str, seed: int | None = None, which: str = "best",
@@ -194,7 +193,9 @@ def write_output(out: Path, predictor: Predictor, files: list[Path], probs: np.n
             writer.writerow(["file", *(f"prob_{c}" for c in classes), "predicted", "threshold", "decision"])
             for path, p, decision in zip(files, probs, decisions):
                 writer.writerow([str(path), *(f"{v:.6f}" for v in p), classes[int(p.argmax())],
-                                 "" if predictor.threshold is None else f"{predictor.threshold:.6f}", decision])
+                                 # the threshold exactly as evaluate wrote it
+                                 "" if predictor.threshold is None else repr(float(predictor.threshold)),
+                                 decision])
         return
     report = {
         "checkpoint": str(predictor.path),

@@ -37,10 +37,11 @@ def _value(value) -> str:
 def metrics_table(variant: str, params: Params) -> str | None:
     """The variant's test metrics of its best checkpoint with their intervals, as a Markdown table;
     None before evaluate has run."""
-    report_path = paths.eval_dir(variant) / "metrics.json"
+    report_path = paths.eval_dir(variant) / "report.json"
     if not report_path.is_file():
         return None
-    best = read_json(report_path)["best"]
+    report = read_json(report_path)
+    best = report["best"]
     positive = params.data.positive_class
     level = f"{params.stats.ci_level:.0%} interval"
     lines = [f"| test metric (best checkpoint) | value | {level} |", "|---|---|---|"]
@@ -48,15 +49,21 @@ def metrics_table(variant: str, params: Params) -> str | None:
         if key in best:
             lines.append(f"| {label} | {_value(best[key])} | {_interval(best.get(key + '_ci'))} |")
     op = best.get("operating_point")
-    if op:
+    if op and op.get("thresholds"):
         test = op["test"]
-        lines.append(f"| Operating threshold on p({positive}) | {op['threshold']:.3f} | chosen on validation |")
+        thresholds = ", ".join(f"{t:.3f}" for t in op["thresholds"].values())
+        lines.append(f"| Operating threshold on p({positive}) | {thresholds} | chosen on validation "
+                     f"({op['validation_positives']} positives) |")
         for key in ("sensitivity", "specificity"):
             lines.append(f"| {key.capitalize()} at the threshold | {_value(test[key])} | "
                          f"{_interval(test.get(key + '_ci'))} |")
-        lines.append(f"| WHO target (sensitivity >= {op['who_tpp']['sensitivity']}, specificity >= "
-                     f"{op['who_tpp']['specificity']}) | {'met' if op['meets_who_tpp'] else 'not met'} | |")
-    return "\n".join(lines)
+        if op.get("target"):
+            t = op["target"]
+            lines.append(f"| {t['name']} (sensitivity >= {t['sensitivity']}, specificity >= "
+                         f"{t['specificity']}) | {'met' if op['meets_target'] else 'not met'} | |")
+    elif op:
+        lines.append(f"| Operating threshold on p({positive}) | n/a | {op.get('message', '')} |")
+    return "\n".join(lines) + f"\n\nIntervals cover {report.get('intervals', 'test sampling')}."
 
 
 def command(address: str, port: int) -> list[str]:

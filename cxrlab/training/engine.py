@@ -92,14 +92,18 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
 @torch.inference_mode()
 def predict(model: nn.Module, loader: DataLoader, rt: Runtime, mean, std,
             desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities (N x k, float32) and labels for every image of `loader`, in order."""
+    """Class probabilities (N x k, float32) and labels for every image of `loader`, in order.
+
+    Always in float32, whatever `rt`'s mixed precision (which is for training
+    steps only): bf16/fp16 logits round probabilities, create ties that move
+    ROC AUC and thresholds, and make a metric depend on the GPU it ran on.
+    """
     model.eval()
     probs, labels = [], []
     for images, y in tqdm(loader, desc=desc, unit="batch", leave=False,
                           disable=desc is None or not rt.is_main, mininterval=1):
         x = to_model_input(images, rt.device, mean, std, rt.channels_last)
-        with rt.autocast():
-            logits = model(x)
+        logits = model(x)
         probs.append(torch.softmax(logits.float(), dim=1).cpu())
         labels.append(y)
     if not probs:

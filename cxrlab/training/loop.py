@@ -21,23 +21,26 @@ logged as `test_curve/*`, only to compare with the study, which picked its
 epoch by test F1; the summary records that epoch as `study_protocol`.
 
 With several `train.seeds`, the variant is trained once per seed, one after
-the other. Writes `models/<variant>/seed_<seed>/best.pt` and `last.pt`, the
+the other. Writes `models/<variant>/seed_<seed>/best.pt` and `last.pt` (weights
+and metadata only, about a third of a checkpoint with Adam's state), the
 DVCLive log of each run in `metrics/train/<variant>/seeds/seed_<seed>/`, and
 the runs' best epochs in `metrics/train/<variant>/metrics.json`.
 
 With `data.folds: k` (the split marks each training image's fold), each
 seed trains k models, model f on every fold but f, picking its best epoch
-on fold f: `models/<variant>/seed_<seed>/fold_<f>/`, logs and summary per
-fold likewise. The folds run inside this stage rather than as a `matrix` of
-variant x fold: one train stage per variant keeps `models/<variant>` one
-output, so `dvc exp run -S` on a variant reruns exactly that variant (all
-its folds, which a changed setting does change) and evaluate, ensemble,
-explain and the serving code find a variant's models where they always did.
+on fold f: `models/<variant>/seed_<seed>/fold_<f>/`, logs, work folder and
+summary per fold likewise (cxrlab.training.folds). The folds run inside this
+stage rather than as a `matrix` of variant x fold: one train stage per
+variant keeps `models/<variant>` one output, so `dvc exp run -S` on a variant
+reruns exactly that variant (all its folds) and evaluate, ensemble, explain
+and the serving code find a variant's models where they always did.
 
-A run in progress lives in `.train-state/<variant>/seed_<seed>/` (checkpoints
-each epoch, written atomically, and its log) and is moved into those outputs
-only when complete, so an interrupted stage leaves nothing DVC could take for
-a result. With `train.resume: true` the next run continues from the last
+A run in progress lives in `.train-state/<variant>/seed_<seed>/` (with folds
+`.../fold_<f>/`: best.pt, the resume file with the optimiser and schedule
+state, written atomically each epoch, and its log) and is moved into those
+outputs only when complete (the resume file is removed then), so an
+interrupted stage leaves nothing DVC could take for a result. With
+`runtime.resume: true` each run continues from its last
 finished epoch if the settings and data are unchanged; on the CPU the result
 is the same as an uninterrupted run.
 """
@@ -70,8 +73,9 @@ from cxrlab.model.freezing import Phase, apply_freeze, phase_at
 from cxrlab.model.optim import scale_lr
 from cxrlab.training.build import Splits, TrainingRun, build_run, run_splits
 from cxrlab.training.engine import confusion_summary, predict, train_one_epoch
-from cxrlab.training.resume import resumable, run_fingerprint, truncate_log
-from cxrlab.training.runtime import Runtime, seed_all, setup, teardown, torchrun_command
+from cxrlab.training.folds import add_summary, run_outputs, run_units, train_headline
+from cxrlab.training.resume import RESUME_FILE, resumable, run_fingerprint, truncate_log
+from cxrlab.training.runtime import Runtime, agree_to_stop, seed_all, setup, teardown, torchrun_command, wrap
 
 HIGHER_IS_BETTER = {"f1": True, "macro_f1": True, "accuracy": True, "roc_auc": True, "loss": False}
 
@@ -94,12 +98,11 @@ def train_variant(variant: str, params: Params) -> None:
     """Train every seed of `variant` (data-parallel under torchrun when asked) and write its summary."""
     cfg = params.variant(variant)
     train_split, test_split = load_split("train"), load_split("test")
-    folds: list[int | None] = list(range(len(train_split.folds()))) or [None]
+    units = run_units(cfg.seeds, train_split)  # (seed, fold): the ETA counts them all
     check_writable(paths.train_dir(variant) / "metrics.json",  # before hours of training, not after
-                   *(out for seed in cfg.seeds for f in folds
-                     for out in (paths.checkpoint(variant, seed, "best", f).parent,
-                                 paths.train_log(variant, seed, f), paths.train_state(variant, seed, f))))
-    launch = torchrun_command(cfg.processes, cfg.nodes, cfg.rendezvous, "stages.train", [variant])
+                   *run_outputs(variant, units))
+    knobs = params.runtime
+    launch = torchrun_command(knobs.processes, knobs.nodes, knobs.rendezvous, "stages.train", [variant])
     if launch:
         print(f"train {variant}: data-parallel, {' '.join(launch[1:])}", flush=True)
         code = subprocess.call(launch)
@@ -108,21 +111,19 @@ def train_variant(variant: str, params: Params) -> None:
                             "their messages are above")
         return
 
-    rt = setup(cfg.device, cfg.amp, cfg.channels_last, cfg.deterministic)
+    rt = setup(knobs.device, cfg.amp, cfg.channels_last, cfg.deterministic)
     try:
-        loading = loader_settings(cfg, rt.device)
-        units = [(seed, fold) for seed in cfg.seeds for fold in folds]  # the ETA counts them all
+        loading = loader_settings(knobs, rt.device)
         runs: dict = {}
         for i, (seed, fold) in enumerate(units):
-            summary = train_run(variant, cfg, seed, params.data, rt, run_splits(train_split, test_split, fold), loading,
-                                runs_after=len(units) - 1 - i, fold=fold)
-            if fold is None:
-                runs[f"seed_{seed}"] = summary
-            else:
-                runs.setdefault(f"seed_{seed}", {"folds": {}})["folds"][f"fold_{fold}"] = summary
+            add_summary(runs, seed, fold, train_run(variant, cfg, seed, params.data, rt,
+                                                    run_splits(train_split, test_split, fold), loading,
+                                                    resume=knobs.resume, runs_after=len(units) - 1 - i, fold=fold))
         if rt.is_main:
-            write_json(paths.train_dir(variant) / "metrics.json",
+            write_json(paths.train_dir(variant) / "report.json",
                        {"select_metric": f"val/{cfg.select_metric}", "seeds": runs})
+            write_json(paths.train_dir(variant) / "metrics.json",
+                       {variant: train_headline(runs, cfg.select_metric)})  # dvc exp show: `<variant>.best_epoch`
     finally:
         teardown()
 
@@ -136,6 +137,7 @@ class Progress:
     best: dict | None = None
     study: dict | None = None
     last_epoch: int = 0
+    last: dict | None = None  # the summary of epoch `last_epoch`, recorded in last.pt
     stop: bool = False
     phase: Phase | None = None
     net: torch.nn.Module | None = None
@@ -143,7 +145,8 @@ class Progress:
 
 
 def train_run(variant: str, cfg: TrainParams, seed: int, data: DataParams, rt: Runtime, splits: Splits,
-              loading: LoaderSettings, runs_after: int = 0, fold: int | None = None) -> dict | None:
+              loading: LoaderSettings, resume: bool = False, runs_after: int = 0,
+              fold: int | None = None) -> dict | None:
     """Train one seed of a variant (with `fold`, its model holding out that fold); returns its summary (on rank 0).
 
     The steps: build, resume or start, then per epoch train, validate, select,
@@ -156,8 +159,8 @@ def train_run(variant: str, cfg: TrainParams, seed: int, data: DataParams, rt: R
     meta = checkpoint_meta(cfg.arch, cfg.dropout, run.classes, run.image_size, data.mean, data.std,
                            head_hidden=cfg.head_hidden, keep_imagenet_head=cfg.keep_imagenet_head,
                            variant=variant, seed=seed, fold=fold)
-    fingerprint = run_fingerprint(cfg, data, seed)
-    progress = resume_or_start(run, cfg, rt, state_dir, fingerprint, name)
+    fingerprint = run_fingerprint(cfg, data, seed, fold)
+    progress = resume_or_start(run, cfg, rt, state_dir, fingerprint, name, resume)
     if rt.is_main:
         announce(run, cfg, rt, splits, name)
     live = open_log(state_dir, progress, rt)
@@ -175,7 +178,8 @@ def train_run(variant: str, cfg: TrainParams, seed: int, data: DataParams, rt: R
         row.update({"lr": lr, "trainable_params": progress.trainable, "images_per_s": stats["images_per_s"]})
         summary = select(run, cfg, progress, val_metrics, state_dir, meta, epoch)
         log_epoch(live, row)
-        checkpoint(run, rt, progress, state_dir, meta, fingerprint, epoch, summary)
+        progress.last = summary
+        checkpoint(run, rt, progress, state_dir, meta, fingerprint, epoch)
         report(cfg, progress, stats, row, val_metrics, lr, epoch, name, started, runs_after)
         progress.last_epoch = epoch
         progress.stop = agree_to_stop(stops_early(cfg.patience, progress.best, epoch), rt)
@@ -185,14 +189,14 @@ def train_run(variant: str, cfg: TrainParams, seed: int, data: DataParams, rt: R
     if live is None:
         return None
     live.end()
-    publish(state_dir, variant, seed, fold)
+    publish(run, progress, state_dir, meta, variant, seed, fold)
     return run_summary(cfg, progress, name, variant, seed, fold)
 
 
 def resume_or_start(run: TrainingRun, cfg: TrainParams, rt: Runtime, state_dir: Path, fingerprint: str,
-                    name: str) -> Progress:
+                    name: str, resume: bool) -> Progress:
     """Continue the interrupted run in `state_dir` when asked and possible; otherwise start afresh there."""
-    state = resumable(state_dir / "last.pt", fingerprint, cfg.epochs, name) if cfg.resume else None
+    state = resumable(state_dir / RESUME_FILE, fingerprint, cfg.epochs, name) if resume else None
     if rt.distributed:
         torch.distributed.barrier()  # rank 0 may clear the folder below only after every rank has read it
     if rt.is_main:
@@ -213,7 +217,7 @@ def resume_or_start(run: TrainingRun, cfg: TrainParams, rt: Runtime, state_dir: 
         print(f"train {name}: resuming after epoch {state['epoch']} from {state_dir}")
     # the phase of the last finished epoch: the optimiser's lr already carries its factor
     return Progress(first_epoch=first_epoch, best_key=tuple(r["best_key"]), best=r["best"], study=r["study"],
-                    last_epoch=first_epoch - 1, phase=phase_at(run.plan, first_epoch - 1))
+                    last_epoch=first_epoch - 1, last=state["metrics"], phase=phase_at(run.plan, first_epoch - 1))
 
 
 def announce(run: TrainingRun, cfg: TrainParams, rt: Runtime, splits: Splits, name: str) -> None:
@@ -315,9 +319,14 @@ def log_epoch(live: Live, row: dict) -> None:
 
 
 def checkpoint(run: TrainingRun, rt: Runtime, progress: Progress, state_dir: Path, meta: dict, fingerprint: str,
-               epoch: int, summary: dict) -> None:
-    """last.pt last: whatever an interruption hits, it names the newest complete epoch."""
-    save_checkpoint(state_dir / "last.pt", run.model, meta, epoch=epoch, metrics=summary,
+               epoch: int) -> None:
+    """The resume file, after best.pt: whatever an interruption hits, it names the newest complete epoch.
+
+    It alone holds the optimiser, schedule and scaler states (with the weights, so
+    the two always belong to one epoch); the published checkpoints hold weights and
+    metadata only, and the file goes with the work folder when the run completes.
+    """
+    save_checkpoint(state_dir / RESUME_FILE, run.model, meta, epoch=epoch, metrics=progress.last,
                     optimizer=run.optimizer.state_dict(),
                     resume={"fingerprint": fingerprint, "best_key": list(progress.best_key), "best": progress.best,
                             "study": progress.study, "scaler": rt.scaler.state_dict() if rt.scaler else None,
@@ -349,35 +358,19 @@ def run_summary(cfg: TrainParams, progress: Progress, name: str, variant: str, s
     return result
 
 
-def wrap(model: torch.nn.Module, rt: Runtime, compile_model: bool) -> torch.nn.Module:
-    """The module the training step calls: DDP over the model when distributed, compiled if asked."""
-    net = model
-    if rt.distributed:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    return torch.compile(net) if compile_model else net
-
-
 def stops_early(patience: int | None, best: dict | None, epoch: int) -> bool:
     """Early stopping: `patience` epochs have passed since the best one."""
     return bool(patience and best and epoch - best["epoch"] >= patience)
 
 
-def agree_to_stop(stop: bool, rt: Runtime) -> bool:
-    """Rank 0's decision, given to every process (all must leave the loop together)."""
-    if not rt.distributed:
-        return stop
-    flag = torch.tensor([int(stop)], device=rt.device)
-    torch.distributed.broadcast(flag, src=0)
-    return bool(flag.item())
-
-
-def publish(state_dir: Path, variant: str, seed: int, fold: int | None = None) -> None:
-    """Move a completed run from its work folder into the DVC outputs."""
+def publish(run: TrainingRun, progress: Progress, state_dir: Path, meta: dict, variant: str, seed: int,
+            fold: int | None = None) -> None:
+    """Move a completed run from its work folder into the DVC outputs: best.pt, last.pt (the
+    final weights, lean like best.pt) and the log; then remove the folder and its resume file."""
     target = paths.checkpoint(variant, seed, "best", fold).parent
     with atomic_dir(target) as tmp:
-        for which in ("best", "last"):
-            shutil.copy2(state_dir / f"{which}.pt", tmp / f"{which}.pt")
+        shutil.move(state_dir / "best.pt", tmp / "best.pt")
+        save_checkpoint(tmp / "last.pt", run.model, meta, epoch=progress.last_epoch, metrics=progress.last)
     with atomic_dir(paths.train_log(variant, seed, fold)) as tmp:
         shutil.copytree(state_dir / "log", tmp, dirs_exist_ok=True)
     remove(state_dir)

@@ -1,6 +1,6 @@
 """Where and how the model runs: device, precision, memory format, processes.
 
-`train.device: auto` picks CUDA, then Apple MPS, then the CPU. On CUDA the
+`runtime.device: auto` picks CUDA, then Apple MPS, then the CPU. On CUDA the
 defaults add mixed precision (bf16 where the GPU supports it, else fp16 with
 a gradient scaler), channels_last and cuDNN autotuning; on the CPU,
 channels_last too (oneDNN's NHWC kernels are faster). Under `torchrun`
@@ -69,13 +69,13 @@ def pick_device(spec: str, local_rank: int = 0) -> torch.device:
     device = torch.device(spec)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"train.device is {spec!r} but no CUDA GPU is visible; set train.device: auto or cpu")
+            raise UserError(f"runtime.device is {spec!r} but no CUDA GPU is visible; set runtime.device: auto or cpu")
         index = device.index if device.index is not None else local_rank
         if index >= torch.cuda.device_count():
-            raise UserError(f"train.device is {spec!r} but only {torch.cuda.device_count()} GPUs are visible")
+            raise UserError(f"runtime.device is {spec!r} but only {torch.cuda.device_count()} GPUs are visible")
         return torch.device("cuda", index)
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("train.device is 'mps' but Apple MPS is not available; set train.device: auto or cpu")
+        raise UserError("runtime.device is 'mps' but Apple MPS is not available; set runtime.device: auto or cpu")
     return device
 
 
@@ -142,7 +142,7 @@ def torchrun_command(processes: int | str, nodes: int, rendezvous: str | None, m
     else:
         node_rank = os.environ.get("NODE_RANK", "")
         if not node_rank.isdigit() or int(node_rank) >= nodes:
-            raise UserError(f"train.nodes is {nodes}: set NODE_RANK on each machine, 0 on the rendezvous host "
+            raise UserError(f"runtime.nodes is {nodes}: set NODE_RANK on each machine, 0 on the rendezvous host "
                             f"{rendezvous.rsplit(':', 1)[0]} and 1..{nodes - 1} on the others "
                             f"(got {node_rank or 'nothing'})")
         host, port = rendezvous.rsplit(":", 1)
@@ -161,3 +161,21 @@ def seed_all(*seed: int) -> None:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def wrap(model: torch.nn.Module, rt: Runtime, compile_model: bool) -> torch.nn.Module:
+    """The module the training step calls: DDP over the model when distributed, compiled if asked."""
+    net = model
+    if rt.distributed:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    return torch.compile(net) if compile_model else net
+
+
+def agree_to_stop(stop: bool, rt: Runtime) -> bool:
+    """Rank 0's decision, given to every process (all must leave the loop together)."""
+    if not rt.distributed:
+        return stop
+    flag = torch.tensor([int(stop)], device=rt.device)
+    torch.distributed.broadcast(flag, src=0)
+    return bool(flag.item())

@@ -1,0 +1,130 @@
+"""Known answers for the evaluate report: the operating point, the screening target, the headline, exact CSVs."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from cxrlab.config.schema import EvaluateParams, StatsParams
+from cxrlab.evaluation import scoring
+from cxrlab.evaluation.evaluate import exact, write_rows
+
+WHO = {"name": "WHO TPP, CXR triage test for TB", "sensitivity": 0.9, "specificity": 0.7, "tb_only": True}
+ST = StatsParams(ci_level=0.95, resamples=200, seed=0, alpha=0.05, resample_seeds=False)
+
+
+def evaluate_params(**changes) -> EvaluateParams:
+    return EvaluateParams(**{"batch_size": 8, "target_sensitivity": 0.9, "screening": WHO,
+                             "calibration_bins": 10, **changes})
+
+
+def binary(score_positive: np.ndarray) -> np.ndarray:
+    return np.stack([1 - score_positive, score_positive], 1)
+
+
+def validation(n_pos: int, n_neg: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """Positives scoring 0.51, 0.52, ... and negatives 0.01, 0.02, ... (all distinct)."""
+    y = np.array([1] * n_pos + [0] * n_neg)
+    score = np.concatenate([0.5 + np.arange(1, n_pos + 1) / 100, np.arange(1, n_neg + 1) / 100])
+    return y, binary(score)
+
+
+def test_operating_point_uses_the_order_statistic_and_warns_below_30_positives():
+    y_val, p_val = validation(20)
+    y_test, p_test = validation(10)
+    op = scoring.operating_point(y_val, [p_val], y_test, [p_test], ["seed_42"], ["Healthy", "TB"], "TB",
+                                 evaluate_params(), ST)
+    # n = 20: k = floor(0.1 * 21) = 2 -> the 2nd lowest positive score, 0.52; 19 of 20 caught on validation
+    assert op["thresholds"] == {"seed_42": pytest.approx(0.52)}
+    assert op["validation_positives"] == 20 and op["expected_sensitivity"] == pytest.approx(1 - 2 / 21)
+    assert op["validation"]["sensitivity"] == pytest.approx(0.95)
+    assert op["validation"]["sensitivity_ci"]["low"] == pytest.approx(0.7513, abs=1e-4)  # Clopper-Pearson 19/20
+    assert "only 20 validation images of TB (fewer than 30)" in op["warning"]
+    assert op["test"]["sensitivity"] == pytest.approx(0.9) and op["test"]["specificity"] == 1.0
+    assert op["target"]["name"] == WHO["name"] and op["meets_target"] is True
+
+
+def test_too_few_positives_give_no_threshold_and_a_message():
+    y_val, p_val = validation(8)
+    op = scoring.operating_point(y_val, [p_val], y_val, [p_val], ["seed_1"], ["Healthy", "TB"], "TB",
+                                 evaluate_params(), ST)
+    assert op["thresholds"] is None and "test" not in op
+    assert op["message"].startswith("8 validation images of TB: the threshold rule needs at least 9")
+    assert scoring.headline({"accuracy": 0.5, "operating_point": op}) == {"accuracy": 0.5}
+
+
+def test_the_tb_screening_target_applies_only_to_a_tb_positive_class():
+    ev = evaluate_params()
+    assert [scoring.tb_like(c) for c in ("TB", "tb_positive", "Tuberculosis", "Pneumonia", "tablet")] == \
+        [True, True, True, False, False]
+    target, text = scoring.screening_target(ev, "Pneumonia")
+    assert target is None and "WHO" in text and "for tuberculosis" in text
+    target, text = scoring.screening_target(ev, "TB")
+    assert target.name == WHO["name"] and text.startswith("screening target WHO TPP")
+    mine = evaluate_params(screening={**WHO, "name": "my pneumonia target", "tb_only": False})
+    target, text = scoring.screening_target(mine, "Pneumonia")
+    assert target.name == "my pneumonia target" and "WHO" not in text
+    assert scoring.screening_target(evaluate_params(screening=None), "TB")[0] is None
+
+    y_val, p_val = validation(20)
+    op = scoring.operating_point(y_val, [p_val], y_val, [p_val], ["seed_1"], ["Normal", "Pneumonia"],
+                                 "Pneumonia", ev, ST)
+    assert op["target"] is None and "meets_target" not in op  # never "WHO TPP met" for pneumonia
+
+
+def test_several_seeds_list_each_threshold_and_label_their_intervals():
+    y_val, p_val = validation(20)
+    shifted = binary(np.clip(p_val[:, 1] + 0.1, 0, 1))
+    op = scoring.operating_point(y_val, [p_val, shifted], y_val, [p_val, shifted], ["seed_1", "seed_2"],
+                                 ["Healthy", "TB"], "TB", evaluate_params(), ST)
+    assert op["thresholds"] == {"seed_1": pytest.approx(0.52), "seed_2": pytest.approx(0.62)}  # no mean
+    assert scoring.interval_kind(2, ST) == "test"
+    assert scoring.interval_kind(3, ST.model_copy(update={"resample_seeds": True})) == "seeds+test"
+    assert scoring.interval_kind(2, ST.model_copy(update={"resample_seeds": True})) == "test"
+
+
+def test_headline_is_numbers_only():
+    report = {"accuracy": 0.9, "f1": 0.8, "f1_ci": {"low": 0.7, "high": 0.85}, "roc_auc": None,
+              "roc_auc_ci": {"low": None, "high": None}, "ece": 0.05, "per_class": {"f1": {"TB": 0.8}},
+              "operating_point": {"test": {"sensitivity": 0.9, "sensitivity_ci": {"low": 0.8, "high": 1.0},
+                                           "specificity": 0.7}}}
+    assert scoring.headline(report) == {"accuracy": 0.9, "f1": 0.8, "f1_low": 0.7, "f1_high": 0.85, "ece": 0.05,
+                                        "op_sensitivity": 0.9, "op_sensitivity_low": 0.8, "op_specificity": 0.7}
+
+
+def test_probabilities_survive_a_write_and_read_exactly(tmp_path):
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet([0.05, 0.05], 500).astype(np.float32)  # confident: many values near 0 and 1
+    probs[0] = [np.float32(1e-9), np.float32(1 - 1e-9)]
+    write_rows(tmp_path / "p.csv", ["a", "b"], [[exact(v) for v in row] for row in probs])
+    with open(tmp_path / "p.csv", newline="") as f:
+        back = np.array([[float(r["a"]), float(r["b"])] for r in csv.DictReader(f)])
+    assert np.array_equal(back, probs.astype(np.float64))
+    six = np.array([[float(f"{v:.6f}") for v in row] for row in probs])  # the old format lost them
+    assert not np.array_equal(six, probs.astype(np.float64))
+
+
+def scored(name: str, probs: dict[str, np.ndarray], seeds: list[int] | None = None):
+    from cxrlab.evaluation.compare import Scored
+
+    s = object.__new__(Scored)  # what Scored reads from predictions.csv, without the files
+    s.name, s.probs, s.seeds = name, probs, seeds
+    return s
+
+
+def test_compare_refuses_differing_seed_lists_and_formats_the_p_floor():
+    from cxrlab.errors import UserError
+    from cxrlab.evaluation import compare
+
+    p = np.full((4, 2), 0.5)
+    ref = scored("baseline", {"1": p, "2": p})
+    compare.check_seeds(ref, scored("dropout", {"1": p, "2": p}), False)
+    with pytest.raises(UserError, match=r"variant dropout has seeds \[1, 3\] but the reference baseline has \[1, 2\]"):
+        compare.check_seeds(ref, scored("dropout", {"1": p, "3": p}), False)
+    with pytest.raises(UserError, match=r"ensemble both has seeds \[1\] but the reference baseline has \[1, 2\]"):
+        compare.check_seeds(ref, scored("both", {"1": p}, seeds=[1]), True)
+    floor = 2 / 1001
+    r = {"p_value": floor, "p_holm": 5 * floor, "p_at_floor": True, "significant": True}
+    assert compare._fmt_p(r, floor) == "< 0.002 (≤ 0.00999) *"
