@@ -109,7 +109,7 @@ def test_folds_hold_every_training_image_once_stratified_seeded_and_never_a_test
         for cls in ("Healthy", "TB"):
             n = sum(r["subset"] == fold and r["class"] == cls for r in train)
             assert n in (53, 54), (fold, cls, n)
-    report = json.loads((tbx11k / "metrics" / "split.json").read_text())
+    report = json.loads((tbx11k / "metrics" / "split_report.json").read_text())
     assert {f: sum(per.values()) for f, per in report["folds"].items()} == \
         {f: sum(r["subset"] == f for r in train) for f in ("fold_0", "fold_1", "fold_2")}
 
