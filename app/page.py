@@ -59,7 +59,8 @@ if not variants:
 variant = st.sidebar.selectbox("Trained variant", variants)
 predictor = predictor_for(variant)
 st.sidebar.markdown(f"`{predictor.path}`  \n{predictor.ckpt['arch']}, {predictor.image_size} px, "
-                    f"classes {', '.join(predictor.classes)}  \ndecides by {predictor.rule}")
+                    f"classes {', '.join(predictor.classes)}  \ndecides by {predictor.rule}"
+                    + (f"  \n{predictor.fold_note}" if predictor.fold_note else ""))
 
 uploads = st.file_uploader("Chest X-rays", type=sorted(s.lstrip(".") for s in IMAGE_SUFFIXES),
                            accept_multiple_files=True)

@@ -11,7 +11,7 @@ TEST_CSV = SPLIT / "test.csv"
 DATASET = DATA / "dataset"  # prepare: <split>/<class>/<file>
 PREPARED = DATA / "prepared"  # preprocess: <split>.npy + <split>.csv + meta.json
 
-MODELS = Path("models")  # train: <variant>/seed_<seed>/best.pt, last.pt
+MODELS = Path("models")  # train: <variant>/seed_<seed>/best.pt, last.pt (with data.folds: seed_<seed>/fold_<f>/)
 METRICS = Path("metrics")
 # Metrics files (`metrics:` in dvc.yaml) hold headline numbers only, for `dvc exp show`;
 # the *_report.json beside them hold everything else.
@@ -27,13 +27,26 @@ EXPLANATIONS = Path("explanations")  # explain: <variant>/gallery.png, gallery.c
 TRAIN_STATE = Path(".train-state")  # train: runs in progress (not a DVC output)
 
 
+def served_checkpoint(variant: str, seed: int, which: str) -> Path:
+    """The one checkpoint predict, the page and explain load: the seed's, or with data.folds fold 0's
+    (they say so: a single fold model, not the mean of the k that evaluate scores)."""
+    path = checkpoint(variant, seed, which)
+    fold_0 = checkpoint(variant, seed, which, 0)
+    return fold_0 if not path.is_file() and fold_0.is_file() else path
+
+
 def model_dir(variant: str) -> Path:
     return MODELS / variant
 
 
-def checkpoint(variant: str, seed: int, which: str) -> Path:
-    """`which` is best (the epoch chosen on validation) or last."""
-    return MODELS / variant / f"seed_{seed}" / f"{which}.pt"
+def _fold(folder: Path, fold: int | None) -> Path:
+    """`folder` itself without folds (data.folds: null), else its `fold_<f>` subfolder."""
+    return folder if fold is None else folder / f"fold_{fold}"
+
+
+def checkpoint(variant: str, seed: int, which: str, fold: int | None = None) -> Path:
+    """`which` is best (the epoch chosen on validation) or last; `fold`: the model that held out fold `fold`."""
+    return _fold(MODELS / variant / f"seed_{seed}", fold) / f"{which}.pt"
 
 
 def train_dir(variant: str) -> Path:
@@ -41,16 +54,24 @@ def train_dir(variant: str) -> Path:
     return METRICS / "train" / variant
 
 
-def train_log(variant: str, seed: int) -> Path:
+def train_log(variant: str, seed: int, fold: int | None = None) -> Path:
     """DVCLive folder of one training run: metrics.json, plots/metrics/**/*.tsv."""
-    return METRICS / "train" / variant / "seeds" / f"seed_{seed}"
+    return _fold(METRICS / "train" / variant / "seeds" / f"seed_{seed}", fold)
 
 
-def train_state(variant: str, seed: int) -> Path:
-    """A seed's run in progress: best.pt, resume.pt (weights, optimiser and schedule state) and its log.
+def run_logs(variant: str, seed: int) -> list[Path]:
+    """The DVCLive folders of a seed: its one run's, or with data.folds each fold's, in fold order."""
+    folder = train_log(variant, seed)
+    folds = sorted(folder.glob("fold_*"), key=lambda p: int(p.name.split("_")[1]))
+    return folds or [folder]
+
+
+def train_state(variant: str, seed: int, fold: int | None = None) -> Path:
+    """A seed's (with data.folds, a seed and fold's) run in progress: best.pt, resume.pt (weights,
+    optimiser and schedule state) and its log.
     Moved into models/ and metrics/ only when the run completes; `runtime.resume`
     continues from here after an interruption."""
-    return TRAIN_STATE / variant / f"seed_{seed}"
+    return _fold(TRAIN_STATE / variant / f"seed_{seed}", fold)
 
 
 def eval_dir(variant: str) -> Path:

@@ -87,7 +87,9 @@ def test_published_checkpoints_hold_weights_and_metadata_only(project):
     for which in ("best", "last"):
         ckpt = torch.load(project / "models" / VARIANT / "seed_42" / f"{which}.pt", weights_only=True)
         assert set(ckpt) == {"format", "arch", "dropout", "head_hidden", "keep_imagenet_head", "classes",
-                             "image_size", "mean", "std", "variant", "seed", "epoch", "metrics", "model"}, which
+                             "image_size", "mean", "std", "variant", "seed", "fold", "epoch", "metrics",
+                             "model"}, which
+        assert ckpt["fold"] is None  # data.folds: null (tests/test_folds.py covers k folds)
         assert ckpt["epoch"] == (3 if which == "last" else ckpt["metrics"]["epoch"])
 
 

@@ -95,6 +95,39 @@ def test_validation_hold_out_is_stratified_seeded_and_inside_train(tbx11k):
     assert len(other) == len(val)
 
 
+def test_folds_hold_every_training_image_once_stratified_seeded_and_never_a_test_image(tbx11k):
+    set_params(tbx11k / "params.yaml", {"data.folds": 3, "data.max_per_class": 200})
+    split.main([])
+    train = read_csv(tbx11k / "data/split/train.csv")
+    test = read_csv(tbx11k / "data/split/test.csv")
+    # the training part is the one of the hold-out split (first 20 % by ID are test), now wholly in folds
+    assert len(train) == 2 * 160 and len(test) == 2 * 40
+    assert {r["subset"] for r in train} == {"fold_0", "fold_1", "fold_2"}
+    assert {r["subset"] for r in test} == {"test"}
+    assert not {r["filename"] for r in train} & {r["filename"] for r in test}
+    for fold in ("fold_0", "fold_1", "fold_2"):  # stratified: 160 per class in 3 folds is 53 or 54 each
+        for cls in ("Healthy", "TB"):
+            n = sum(r["subset"] == fold and r["class"] == cls for r in train)
+            assert n in (53, 54), (fold, cls, n)
+    report = json.loads((tbx11k / "metrics" / "split_report.json").read_text())
+    assert {f: sum(per.values()) for f, per in report["folds"].items()} == \
+        {f: sum(r["subset"] == f for r in train) for f in ("fold_0", "fold_1", "fold_2")}
+
+    split.main([])  # same seed: the same folds
+    assert read_csv(tbx11k / "data/split/train.csv") == train
+    set_params(tbx11k / "params.yaml", {"data.seed": 7})
+    split.main([])
+    other = read_csv(tbx11k / "data/split/train.csv")
+    assert [r["filename"] for r in other] == [r["filename"] for r in train]
+    assert [r["subset"] for r in other] != [r["subset"] for r in train]
+
+
+def test_more_folds_than_a_class_has_training_images_is_one_line(tbx11k):
+    set_params(tbx11k / "params.yaml", {"data.folds": 5, "data.max_per_class": 5})  # 4 training images each
+    with pytest.raises(UserError, match=r"data.folds 5 needs at least 5 training images per class.*lower data.folds"):
+        split.main([])
+
+
 def test_max_per_class_keeps_the_first_ids(tbx11k):
     set_params(tbx11k / "params.yaml", {"data.max_per_class": 10, "data.val_fraction": 0.25})
     split.main([])

@@ -72,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     classes = predictor.classes
     print(f"predict: {predictor.path} ({predictor.ckpt['arch']}, {predictor.image_size} px), "
           f"{len(kept)} images, deciding by {predictor.rule}")
+    if predictor.fold_note:
+        print(f"predict: {predictor.fold_note}")
     width = max(len(str(p)) for p in kept)
     print(f"{'file':<{width}}  " + "  ".join(f"p({c})" for c in classes) + "  decision")
     for path, p, decision in zip(kept, probs, decisions):

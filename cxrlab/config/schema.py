@@ -71,6 +71,7 @@ class DataParams(_Section):
     max_per_class: Optional[int] = Field(gt=0)
     test_fraction: float = Field(gt=0, lt=1)
     val_fraction: float = Field(ge=0, lt=1)
+    folds: Optional[int] = Field(ge=2, le=100)
     seed: int = Field(ge=0)
     image_size: int = Field(ge=16, le=2048)
     on_bad_image: Literal["error", "skip"]

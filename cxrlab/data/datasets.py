@@ -36,10 +36,20 @@ class Split:
     rows: list[dict]
     classes: list[str]
 
-    def subset(self, name: str) -> "Split":
-        """The rows whose `subset` column is `name` (train, val or test)."""
-        idx = np.array([i for i, r in enumerate(self.rows) if r["subset"] == name], dtype=np.int64)
+    def subset(self, *names: str) -> "Split":
+        """The rows whose `subset` column is one of `names` (train, val, test, or fold_<f>), in file order."""
+        idx = np.array([i for i, r in enumerate(self.rows) if r["subset"] in names], dtype=np.int64)
         return Split(_Indexed(self.images, idx), self.labels[idx], [self.rows[i] for i in idx], self.classes)
+
+    def folds(self) -> list[str]:
+        """The folds of a k-fold split (`data.folds`), fold_0 first; [] for a hold-out split."""
+        names = {r["subset"] for r in self.rows if r["subset"].startswith("fold_")}
+        return sorted(names, key=lambda n: int(n.split("_")[1]))
+
+    def fold_out(self, fold: int) -> tuple["Split", "Split"]:
+        """(fit, held out) of fold `fold`: every other fold trains, this one picks the best epoch."""
+        names = self.folds()
+        return self.subset(*(n for n in names if n != names[fold])), self.subset(names[fold])
 
     def __len__(self) -> int:
         return len(self.labels)

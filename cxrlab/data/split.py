@@ -1,4 +1,4 @@
-"""Stage `split`: the study's per-class split by ID, plus a validation hold-out.
+"""Stage `split`: the study's per-class split by ID, plus a validation hold-out or k folds.
 
 Per class, images are sorted by their numeric ID; the first
 floor(test_fraction * n) are the test set, the rest the training set, as in
@@ -6,10 +6,17 @@ the study. From each class's training part, round(val_fraction * n_train)
 images drawn at random with `data.seed` are marked `subset=val`: the training
 stage selects its best epoch on them and never looks at the test set.
 
-Writes `data/split/train.csv` (subset train or val) and `test.csv`, with
-columns filename, label, class, subset, path (relative to data/raw), and the
-report `metrics/split_report.json`: per class and split, the count and the first and
-last file; `metrics/split.json` holds the total counts only (for dvc exp show).
+With `data.folds: k` the training part is instead cut into k stratified folds
+(scikit-learn's StratifiedKFold, shuffled with `data.seed`, over the class
+labels in ID order), each row marked `subset=fold_<f>`; `data.val_fraction`
+is then unused. The fold is recorded in the CSV, not re-drawn downstream, so
+train and evaluate agree on it by construction (docs/cross-validation.md).
+
+Writes `data/split/train.csv` (subset train and val, or fold_0..fold_<k-1>)
+and `test.csv`, with columns filename, label, class, subset, path (relative to
+data/raw), and the report `metrics/split_report.json`: per class and split, the
+count and the first and last file, and with folds the count of each class per
+fold; `metrics/split.json` holds the total counts only (for dvc exp show).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import os
 from decimal import Decimal
 
 import numpy as np
+from sklearn.model_selection import StratifiedKFold
 
 from cxrlab import paths
 from cxrlab.config.schema import DataParams
@@ -48,6 +56,39 @@ def hold_out(train: list[str], val_fraction: float, seed: int, label: int) -> se
     rng = np.random.default_rng([seed, label])
     chosen = rng.choice(len(train), size=k, replace=False) if k else []
     return {train[i] for i in chosen}
+
+
+def fold_name(fold: int) -> str:
+    """The `subset` value of the training rows held out by fold `fold` (0-based)."""
+    return f"fold_{fold}"
+
+
+def assign_folds(labels: list[int], k: int, seed: int) -> list[int]:
+    """Each training image's fold (0..k-1): StratifiedKFold over `labels` (in row order), shuffled with `seed`."""
+    folds = np.empty(len(labels), dtype=np.int64)
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
+        folds[held_out] = fold
+    return folds.tolist()
+
+
+def cut_into_folds(train_rows: list[dict], k: int, seed: int) -> dict[str, dict[str, int]]:
+    """Mark every training row with its fold (`subset=fold_<f>`); returns {fold: {class: count}}.
+    Every class needs at least k training images, or some fold would hold none of it."""
+    counts: dict[str, int] = {}
+    for r in train_rows:
+        counts[r["class"]] = counts.get(r["class"], 0) + 1
+    short = {c: n for c, n in counts.items() if n < k}
+    if short:
+        raise UserError(f"data.folds {k} needs at least {k} training images per class, but "
+                        + ", ".join(f"{c!r} has {n}" for c, n in short.items())
+                        + "; lower data.folds, or add images (or raise data.max_per_class)")
+    folds = assign_folds([int(r["label"]) for r in train_rows], k, seed)
+    table: dict[str, dict[str, int]] = {fold_name(f): {c: 0 for c in counts} for f in range(k)}
+    for r, fold in zip(train_rows, folds):
+        r["subset"] = fold_name(fold)
+        table[r["subset"]][r["class"]] += 1
+    return table
 
 
 def class_rows(cls: ClassFolder, test_fraction: float, val_fraction: float, seed: int,
@@ -129,7 +170,8 @@ def split_dataset(data: DataParams) -> None:
         name, folder = cls.name, cls.folder
         if data.max_per_class:
             cls.images = cls.images[: data.max_per_class]
-        test, train, entry = class_rows(cls, data.test_fraction, data.val_fraction, data.seed, paths.RAW)
+        val_fraction = 0.0 if data.folds else data.val_fraction  # folds replace the hold-out
+        test, train, entry = class_rows(cls, data.test_fraction, val_fraction, data.seed, paths.RAW)
         test_rows += test
         train_rows += train
         report["classes"][name] = {"folder": folder.relative_to(paths.RAW).as_posix(), **entry}
@@ -142,6 +184,11 @@ def split_dataset(data: DataParams) -> None:
         "train": len(train_rows),
         "of_which_val": sum(r["subset"] == "val" for r in train_rows),
     }
+    if data.folds:
+        report["folds"] = cut_into_folds(train_rows, data.folds, data.seed)
+        for entry in report["classes"].values():
+            del entry["train"]["of_which_val"]  # no hold-out: every training image is in one fold
+        del report["total"]["of_which_val"]
     with atomic_dir(paths.SPLIT) as tmp:
         write_rows(tmp / paths.TRAIN_CSV.name, train_rows)
         write_rows(tmp / paths.TEST_CSV.name, test_rows)
@@ -150,6 +197,11 @@ def split_dataset(data: DataParams) -> None:
     write_json(paths.SPLIT_METRICS, {**report["total"], "bad_images": report["bad_images"]})
     for name, entry in report["classes"].items():
         t, tr = entry["test"], entry["train"]
+        held = (f"in {data.folds} folds" if data.folds else f"{tr['of_which_val']} held out for validation")
         print(f"split: {name}: test {t['count']} ({t['first']}..{t['last']}), "
-              f"train {tr['count']} ({tr['first']}..{tr['last']}, {tr['of_which_val']} held out for validation)")
+              f"train {tr['count']} ({tr['first']}..{tr['last']}, {held})")
+    if data.folds:
+        print(f"split: {data.folds} stratified folds of the training part (data.val_fraction is not used): "
+              + "; ".join(f"{f} " + ", ".join(f"{c} {n}" for c, n in per.items())
+                          for f, per in report["folds"].items()))
 

@@ -31,11 +31,12 @@ from cxrlab.data.datasets import eval_batch_size, prepared_image_size
 from cxrlab.evaluation.evaluate import (
     CHECKPOINTS,
     ByRun,
-    predict_checkpoint,
+    predict_seed,
     report_and_write,
     runtime,
-    scoring_data,
+    write_val_predictions,
 )
+from cxrlab.evaluation.folds import scoring_data
 from cxrlab.io.fsio import check_writable
 
 # Weight of the soft mean in a hard vote: breaks ties (and ranks them for ROC) without outweighing a vote.
@@ -56,7 +57,8 @@ def evaluate_ensemble(name: str, params: Params) -> None:
     spec = params.ensemble(name)
     check_writable(paths.eval_dir(name) / "metrics.json")
     rt = runtime(params)
-    test, y_val, loaders = scoring_data(eval_batch_size(params.evaluate.batch_size, rt.device), rt)
+    data = scoring_data(eval_batch_size(params.evaluate.batch_size, rt.device), rt)
+    test, y_val = data.test, data.y_val
     image_size = prepared_image_size()
 
     member_test: dict[str, list[np.ndarray]] = {w: [] for w in CHECKPOINTS}
@@ -66,12 +68,14 @@ def evaluate_ensemble(name: str, params: Params) -> None:
         seeds = params.variant(member).seeds
         member_epochs[member] = {}
         for which in CHECKPOINTS:
-            runs = [predict_checkpoint(paths.checkpoint(member, s, which), test.classes, image_size, rt, loaders,
-                                       f"test {member} seed {s} {which}") for s in seeds]
-            member_test[which].append(np.mean([test_prob for test_prob, _, _ in runs], axis=0))
+            runs = [predict_seed(member, s, which, data, image_size, rt, params.data.positive_class)
+                    for s in seeds]  # with data.folds: each seed's fold-mean test, out-of-fold validation
+            member_test[which].append(np.mean([run[0] for run in runs], axis=0))
             if y_val is not None:
-                member_val[which].append(np.mean([val_prob for _, val_prob, _ in runs], axis=0))
-            member_epochs[member][which] = {f"seed_{s}": epoch for s, (_, _, epoch) in zip(seeds, runs)}
+                member_val[which].append(np.mean([run[1] for run in runs], axis=0))
+            member_epochs[member][which] = {f"seed_{s}": run[2] if run[3] is None else
+                                            {f: r["epoch"] for f, r in run[3]["per_fold"].items()}
+                                            for s, run in zip(seeds, runs)}
         print(f"ensemble {name}: predicted with {member} (seeds {seeds})")
 
     seeds = sorted({s for member in spec.members for s in params.variant(member).seeds})
@@ -83,4 +87,5 @@ def evaluate_ensemble(name: str, params: Params) -> None:
               "seeds": seeds}
     report_and_write(f"ensemble {name} ({spec.voting} voting)", paths.eval_dir(name), header,
                      [run], probs, val_probs, {w: {run: None} for w in CHECKPOINTS}, test, y_val, params)
+    write_val_predictions(paths.eval_dir(name), data, [run], val_probs)
 

@@ -20,8 +20,17 @@ Writes to `metrics/evaluate/<variant>/`:
   probabilities (exact: they read back bit for bit) and prediction, and the
   best checkpoint's decision at the operating threshold;
 - `calibration.csv`: the reliability bins of each seed's best checkpoint;
+- `val_predictions.csv`: per seed and validation image, each checkpoint's
+  class probabilities: the images the operating threshold is chosen on (the
+  hold-out; with `data.folds` every training image, out of fold, the column
+  `fold` naming the model that held it out);
 - `plots/sklearn/`: DVCLive's confusion matrix, ROC and precision-recall of
   the first seed's best checkpoint.
+
+With `data.folds: k` a seed's test probabilities are the mean of its k
+fold models' and its validation set is the pooled out-of-fold predictions;
+`cross_validation` in report.json (not the headline) holds each fold's validation metrics and
+their spread (cxrlab.evaluation.folds).
 
 The ensemble stage reuses the loading and prediction helpers and
 `report_and_write`, so an ensemble's outputs are a variant's.
@@ -40,16 +49,9 @@ from torch.utils.data import DataLoader
 
 from cxrlab import paths
 from cxrlab.config.load import Params
-from cxrlab.data.datasets import (
-    ImageArrayDataset,
-    LoaderSettings,
-    Split,
-    eval_batch_size,
-    load_split,
-    make_loader,
-    prepared_image_size,
-)
+from cxrlab.data.datasets import Split, eval_batch_size, prepared_image_size
 from cxrlab.errors import UserError
+from cxrlab.evaluation.folds import ScoringData, describe, fold_loaders, fold_report, pool_out_of_fold, scoring_data
 from cxrlab.evaluation.scoring import (
     INTERVALS,
     MIN_SEEDS_TO_RESAMPLE,
@@ -95,15 +97,6 @@ def runtime(params: Params) -> Runtime:
     return setup(params.runtime.device, False, run.channels_last, run.deterministic)
 
 
-def scoring_data(batch_size: int, rt: Runtime) -> tuple[Split, np.ndarray | None, dict[str, DataLoader]]:
-    """The test split, the validation labels (None without a hold-out) and an in-order loader of each."""
-    test, val = load_split("test"), load_split("train").subset("val")
-    settings = LoaderSettings(pin_memory=rt.device.type == "cuda")
-    loaders = {name: make_loader(ImageArrayDataset(split), batch_size, shuffle=False, seed=0, settings=settings)
-               for name, split in (("test", test), ("val", val)) if len(split)}
-    return test, (val.labels if len(val) else None), loaders
-
-
 def predict_checkpoint(path: Path, classes: list[str], image_size: int, rt: Runtime,
                        loaders: dict[str, DataLoader], desc: str) -> tuple[np.ndarray, np.ndarray | None, int]:
     """A checkpoint's class probabilities on the test and the validation images (None without), and its epoch."""
@@ -117,25 +110,64 @@ def predict_checkpoint(path: Path, classes: list[str], image_size: int, rt: Runt
     return test, val, int(ckpt["epoch"])
 
 
+def predict_seed(variant: str, seed: int, which: str, data: ScoringData, image_size: int, rt: Runtime,
+                 positive: str) -> tuple[np.ndarray, np.ndarray | None, int | None, dict | None]:
+    """One seed's `which` checkpoint(s): test probabilities, validation probabilities (None without), epoch,
+    and with folds the per-fold report. With folds the test probabilities are the mean of the fold models',
+    the validation ones each training image's out-of-fold prediction, and the epoch None (one per fold)."""
+    runs = [predict_checkpoint(paths.checkpoint(variant, seed, which, fold), data.test.classes, image_size, rt,
+                               fold_loaders(data, fold),
+                               f"test {variant} seed {seed} {which}" + (f" fold_{fold}" if fold is not None else ""))
+            for fold in data.folds]
+    if data.folds == [None]:
+        return (*runs[0], None)
+    tests, vals, epochs = zip(*runs)
+    return (np.mean(tests, axis=0), pool_out_of_fold(data, list(vals)), None,
+            fold_report(data, list(vals), list(epochs), positive))
+
+
 def evaluate_variant(variant: str, params: Params) -> None:
     seeds = params.variant(variant).seeds
     check_writable(paths.eval_dir(variant) / "metrics.json")
     rt = runtime(params)
-    test, y_val, loaders = scoring_data(eval_batch_size(params.evaluate.batch_size, rt.device), rt)
+    data = scoring_data(eval_batch_size(params.evaluate.batch_size, rt.device), rt)
     image_size = prepared_image_size()
 
     probs: ByRun = {w: {} for w in CHECKPOINTS}
     val_probs: ByRun = {w: {} for w in CHECKPOINTS}
-    epochs: dict[str, dict[Hashable, int]] = {w: {} for w in CHECKPOINTS}
+    epochs: dict[str, dict[Hashable, int | None]] = {w: {} for w in CHECKPOINTS}
+    per_fold: dict[str, dict] = {}
     for seed in seeds:
         for which in CHECKPOINTS:
-            test_prob, val_prob, epoch = predict_checkpoint(paths.checkpoint(variant, seed, which), test.classes,
-                                                            image_size, rt, loaders, f"test seed {seed} {which}")
+            test_prob, val_prob, epoch, folds = predict_seed(variant, seed, which, data, image_size, rt,
+                                                             params.data.positive_class)
             probs[which][seed], epochs[which][seed] = test_prob, epoch
             if val_prob is not None:
                 val_probs[which][seed] = val_prob
-    report_and_write(f"evaluate {variant}", paths.eval_dir(variant), {"seeds": seeds}, seeds,
-                     probs, val_probs, epochs, test, y_val, params)
+            if folds is not None:
+                per_fold.setdefault(f"seed_{seed}", {})[which] = folds
+    header: dict = {"seeds": seeds}
+    if per_fold:
+        header["cross_validation"] = {"folds": len(data.fold_rows), "method": describe(len(data.fold_rows)),
+                                      "per_seed": per_fold}
+    report_and_write(f"evaluate {variant}", paths.eval_dir(variant), header, seeds,
+                     probs, val_probs, epochs, data.test, data.y_val, params)
+    write_val_predictions(paths.eval_dir(variant), data, seeds, val_probs)
+
+
+def write_val_predictions(out: Path, data: ScoringData, seeds: list[Hashable], val_probs: ByRun) -> None:
+    """val_predictions.csv: the validation probabilities the operating point was chosen on, per run and image
+    (`fold`: the model that held the image out, or `val` for the hold-out). Always written (a DVC output),
+    with only its header when there is no validation set."""
+    classes = data.test.classes
+    columns = ["seed", "filename", "class", "label", "fold"]
+    columns += [f"{which}_prob_{c}" for which in CHECKPOINTS for c in classes]
+    rows = []
+    for seed in seeds if data.val is not None else []:
+        for i, r in enumerate(data.val.rows):
+            rows.append([seed, r["filename"], r["class"], r["label"], r["subset"]]
+                        + [repr(float(v)) for which in CHECKPOINTS for v in val_probs[which][seed][i]])
+    write_rows(out / "val_predictions.csv", columns, rows)
 
 
 def report_and_write(title: str, out: Path, header: dict, seeds: list[Hashable], probs: ByRun, val_probs: ByRun,

@@ -86,7 +86,7 @@ def explain_variant(variant: str, params: Params) -> None:
     test = load_split("test")
     if not len(test):
         raise UserError(f"the test set in {paths.PREPARED} is empty; raise data.test_fraction")
-    path = paths.checkpoint(variant, seed, which)
+    path = paths.served_checkpoint(variant, seed, which)
     ckpt = load_for_test(path, test.classes, prepared_image_size())
     threshold = operating_threshold(variant, seed) if which == "best" else None
     predictor = make_predictor(ckpt, path, positive_class, threshold, device=params.runtime.device)
@@ -111,7 +111,8 @@ def explain_variant(variant: str, params: Params) -> None:
             rows.append([group, r["filename"], r["class"], f"{probs[i, positive]:.6f}", test.classes[decided[i]]])
     counts = ", ".join(f"{g} {int(np.sum(((test.labels == positive) == t) & ((decided == positive) == d)))}"
                        for g, t, d, _ in GROUPS)
-    title = (f"{variant}, seed {seed}, {which} checkpoint: Grad-CAM of {positive_class} on test images, "
+    fold = f" of fold_{ckpt['fold']} (one of the fold models)" if ckpt.get("fold") is not None else ""
+    title = (f"{variant}, seed {seed}, {which} checkpoint{fold}: Grad-CAM of {positive_class} on test images, "
              f"decided by {predictor.rule.split(' (')[0]}\n{counts}")
 
     out = paths.explain_dir(variant)

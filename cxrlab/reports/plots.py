@@ -64,7 +64,7 @@ def read_curves(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def mean_curves(runs: list[dict[str, list[tuple[int, float]]]]) -> dict[str, list[tuple[int, float]]]:
-    """The mean over seeds of each metric, per epoch."""
+    """The mean over runs (seeds, and folds with data.folds) of each metric, per epoch."""
     merged: dict[str, dict[int, list[float]]] = {}
     for run in runs:
         for metric, points in run.items():
@@ -101,7 +101,11 @@ def with_ci(m: dict, key: str, digits: int = 4) -> str:
 
 
 def epochs_text(report: dict, which: str) -> str:
-    """The epoch of each seed's checkpoint; "–" for an ensemble, which has none."""
+    """The epoch of each seed's checkpoint (with data.folds each fold model's, f0/f1/...); "–" for an ensemble."""
+    cv = report.get("cross_validation")
+    if cv:
+        return ", ".join("/".join(str(r["epoch"]) for r in s[which]["per_fold"].values())
+                         for s in cv["per_seed"].values())
     if "per_seed" in report:
         return ", ".join(str(r[which]["epoch"]) for r in report["per_seed"].values())
     epoch = report[which]["epoch"]
@@ -193,7 +197,8 @@ def summary_table(variants, evals, trains, flops, classes, positive, comparison_
             f"{confusion_text(m['confusion_matrix'], classes)} |")
 
     lines += operating_point_section(variants, evals)
-    studies = {v: [r.get("study_protocol") for r in trains[v]["seeds"].values()] for v in variants if v in trains}
+    studies = {v: [r.get("study_protocol") for s in trains[v]["seeds"].values()  # each run: a seed, or seed x fold
+                   for r in (s["folds"].values() if "folds" in s else [s])] for v in variants if v in trains}
     if any(all(s) for s in studies.values()):
         header = "| variant | epoch | accuracy | F1 | confusion |"
         rule = "|---|---|---|---|---|"
@@ -234,7 +239,8 @@ def make_plots(params: Params) -> None:
 
     evals = {v: read_json(_require(paths.eval_dir(v) / "report.json", stage_of[v])) for v in scored}
     trains = {v: read_json(_require(paths.train_dir(v) / "report.json", f"train@{v}")) for v in variants}
-    curves = {v: mean_curves([read_curves(paths.train_log(v, s)) for s in evals[v]["seeds"]]) for v in variants}
+    curves = {v: mean_curves([read_curves(log) for s in evals[v]["seeds"] for log in paths.run_logs(v, s)])
+              for v in variants}  # with data.folds, the mean over seeds and folds
     flops = read_json(_require(paths.FLOPS_REPORT, "flops"))
     comparison_md = _require(paths.COMPARISON_TABLE, "compare").read_text()
     classes = list(evals[variants[0]]["best"]["confusion_matrix"])

@@ -54,6 +54,15 @@ class Predictor:
         return int(self.ckpt["image_size"])
 
     @property
+    def fold_note(self) -> str | None:
+        """With data.folds, what this one model is: serving loads a single fold's model, not the k-model mean."""
+        fold = self.ckpt.get("fold")
+        if fold is None:
+            return None
+        return (f"fold_{fold}'s model alone (data.folds: evaluate's metrics are of the mean of the fold models, "
+                "its threshold of their out-of-fold predictions)")
+
+    @property
     def rule(self) -> str:
         if self.threshold is None:
             return "the highest probability"
@@ -120,7 +129,7 @@ def variant_predictor(variant: str, seed: int | None = None, which: str = "best"
     if seed not in seeds:
         raise UserError(f"variant {variant!r} is trained with seeds {seeds}, not {seed}; "
                         f"pass one of them to --seed (train.seeds in params.yaml)")
-    path = paths.checkpoint(variant, seed, which)
+    path = paths.served_checkpoint(variant, seed, which)
     if not path.is_file():
         raise UserError(f"{path} does not exist: variant {variant!r} is not trained yet; "
                         f"run `dvc repro train@{variant} evaluate@{variant}`")
@@ -194,6 +203,7 @@ def write_output(out: Path, predictor: Predictor, files: list[Path], probs: np.n
         "positive_class": None if predictor.positive is None else classes[predictor.positive],
         "threshold": predictor.threshold,
         "rule": predictor.rule,
+        **({"model": predictor.fold_note} if predictor.fold_note else {}),
         "predictions": [{"file": str(path), "probabilities": dict(zip(classes, map(float, p))),
                          "predicted": classes[int(p.argmax())], "decision": decision}
                         for path, p, decision in zip(files, probs, decisions)],

@@ -21,7 +21,7 @@ HEADLINE = (("accuracy", "Accuracy"), ("sensitivity", "Sensitivity"), ("specific
 
 def trained_variants(params: Params) -> list[str]:
     """The variants of params.yaml whose first seed has a best checkpoint."""
-    return [v for v in params.variants if paths.checkpoint(v, params.variant(v).seeds[0], "best").is_file()]
+    return [v for v in params.variants if paths.served_checkpoint(v, params.variant(v).seeds[0], "best").is_file()]
 
 
 def _interval(ci: dict | None) -> str:

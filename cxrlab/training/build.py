@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import DataLoader
 
+from cxrlab import paths
 from cxrlab.config.schema import DataParams, TrainParams
 from cxrlab.data.datasets import (
     ImageArrayDataset,
@@ -24,6 +25,7 @@ from cxrlab.data.datasets import (
     make_loader,
     prepared_image_size,
 )
+from cxrlab.errors import UserError
 from cxrlab.model.backbones import build_model
 from cxrlab.model.freezing import phases
 from cxrlab.model.losses import StudyLoss, class_weights
@@ -37,6 +39,15 @@ class Splits(NamedTuple):
     fit: Split
     val: Split
     test: Split
+
+
+def run_splits(train: Split, test: Split, fold: int | None) -> Splits:
+    """The images of one run: the hold-out split's subsets, or with `fold` (data.folds) every other
+    fold to fit and that fold to pick the best epoch on."""
+    fit, val = train.fold_out(fold) if fold is not None else (train.subset("train"), train.subset("val"))
+    if len(fit) == 0:
+        raise UserError(f"{paths.PREPARED}/train.csv has no rows with subset=train; lower data.val_fraction")
+    return Splits(fit, val, test)
 
 
 @dataclass

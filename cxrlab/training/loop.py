@@ -26,11 +26,21 @@ and metadata only, about a third of a checkpoint with Adam's state), the
 DVCLive log of each run in `metrics/train/<variant>/seeds/seed_<seed>/`, and
 the runs' best epochs in `metrics/train/<variant>/metrics.json`.
 
-A run in progress lives in `.train-state/<variant>/seed_<seed>/` (best.pt, the
-resume file with the optimiser and schedule state, written atomically each
-epoch, and its log) and is moved into those outputs only when complete (the
-resume file is removed then), so an interrupted stage leaves nothing DVC could take for
-a result. With `runtime.resume: true` the next run continues from the last
+With `data.folds: k` (the split marks each training image's fold), each
+seed trains k models, model f on every fold but f, picking its best epoch
+on fold f: `models/<variant>/seed_<seed>/fold_<f>/`, logs, work folder and
+summary per fold likewise (cxrlab.training.folds). The folds run inside this
+stage rather than as a `matrix` of variant x fold: one train stage per
+variant keeps `models/<variant>` one output, so `dvc exp run -S` on a variant
+reruns exactly that variant (all its folds) and evaluate, ensemble, explain
+and the serving code find a variant's models where they always did.
+
+A run in progress lives in `.train-state/<variant>/seed_<seed>/` (with folds
+`.../fold_<f>/`: best.pt, the resume file with the optimiser and schedule
+state, written atomically each epoch, and its log) and is moved into those
+outputs only when complete (the resume file is removed then), so an
+interrupted stage leaves nothing DVC could take for a result. With
+`runtime.resume: true` each run continues from its last
 finished epoch if the settings and data are unchanged; on the CPU the result
 is the same as an uninterrupted run.
 """
@@ -44,7 +54,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from dvclive import Live
 
@@ -62,10 +71,11 @@ from cxrlab.model.backbones import (
 )
 from cxrlab.model.freezing import Phase, apply_freeze, phase_at
 from cxrlab.model.optim import scale_lr
-from cxrlab.training.build import Splits, TrainingRun, build_run
+from cxrlab.training.build import Splits, TrainingRun, build_run, run_splits
 from cxrlab.training.engine import confusion_summary, predict, train_one_epoch
+from cxrlab.training.folds import add_summary, run_outputs, run_units, train_headline
 from cxrlab.training.resume import RESUME_FILE, resumable, run_fingerprint, truncate_log
-from cxrlab.training.runtime import Runtime, seed_all, setup, teardown, torchrun_command
+from cxrlab.training.runtime import Runtime, agree_to_stop, seed_all, setup, teardown, torchrun_command, wrap
 
 HIGHER_IS_BETTER = {"f1": True, "macro_f1": True, "accuracy": True, "roc_auc": True, "loss": False}
 
@@ -87,11 +97,10 @@ def format_eta(seconds: float) -> str:
 def train_variant(variant: str, params: Params) -> None:
     """Train every seed of `variant` (data-parallel under torchrun when asked) and write its summary."""
     cfg = params.variant(variant)
-    check_writable(paths.train_dir(variant) / "metrics.json",  # before hours of training, not after
-                   *(out for seed in cfg.seeds for out in (paths.checkpoint(variant, seed, "best").parent,
-                                                           paths.train_log(variant, seed),
-                                                           paths.train_state(variant, seed))))
     train_split, test_split = load_split("train"), load_split("test")
+    units = run_units(cfg.seeds, train_split)  # (seed, fold): the ETA counts them all
+    check_writable(paths.train_dir(variant) / "metrics.json",  # before hours of training, not after
+                   *run_outputs(variant, units))
     knobs = params.runtime
     launch = torchrun_command(knobs.processes, knobs.nodes, knobs.rendezvous, "stages.train", [variant])
     if launch:
@@ -104,14 +113,12 @@ def train_variant(variant: str, params: Params) -> None:
 
     rt = setup(knobs.device, cfg.amp, cfg.channels_last, cfg.deterministic)
     try:
-        splits = Splits(train_split.subset("train"), train_split.subset("val"), test_split)
-        if len(splits.fit) == 0:
-            raise UserError(f"{paths.PREPARED}/train.csv has no rows with subset=train; lower data.val_fraction")
         loading = loader_settings(knobs, rt.device)
-        runs = {}
-        for i, seed in enumerate(cfg.seeds):
-            runs[f"seed_{seed}"] = train_run(variant, cfg, seed, params.data, rt, splits, loading,
-                                             resume=knobs.resume, runs_after=len(cfg.seeds) - 1 - i)
+        runs: dict = {}
+        for i, (seed, fold) in enumerate(units):
+            add_summary(runs, seed, fold, train_run(variant, cfg, seed, params.data, rt,
+                                                    run_splits(train_split, test_split, fold), loading,
+                                                    resume=knobs.resume, runs_after=len(units) - 1 - i, fold=fold))
         if rt.is_main:
             write_json(paths.train_dir(variant) / "report.json",
                        {"select_metric": f"val/{cfg.select_metric}", "seeds": runs})
@@ -119,16 +126,6 @@ def train_variant(variant: str, params: Params) -> None:
                        {variant: train_headline(runs, cfg.select_metric)})  # dvc exp show: `<variant>.best_epoch`
     finally:
         teardown()
-
-
-def train_headline(runs: dict[str, dict], select_metric: str) -> dict[str, float]:
-    """The numbers of metrics.json for dvc exp show: the best epoch and its validation `select_metric`,
-    the mean over seeds (each seed's and everything else is in report.json)."""
-    out = {"best_epoch": float(np.mean([r["best"]["epoch"] for r in runs.values()]))}
-    values = [(r["best"].get("val") or {}).get(select_metric) for r in runs.values()]
-    if all(isinstance(v, (int, float)) for v in values):
-        out[f"best_val_{select_metric}"] = float(np.mean(values))
-    return out
 
 
 @dataclass
@@ -148,20 +145,21 @@ class Progress:
 
 
 def train_run(variant: str, cfg: TrainParams, seed: int, data: DataParams, rt: Runtime, splits: Splits,
-              loading: LoaderSettings, resume: bool = False, runs_after: int = 0) -> dict | None:
-    """Train one seed of a variant; returns its summary (on rank 0).
+              loading: LoaderSettings, resume: bool = False, runs_after: int = 0,
+              fold: int | None = None) -> dict | None:
+    """Train one seed of a variant (with `fold`, its model holding out that fold); returns its summary (on rank 0).
 
     The steps: build, resume or start, then per epoch train, validate, select,
     log and checkpoint; finally publish.
     """
     seed_all(seed)
     run = build_run(cfg, data, rt, splits, seed, loading)
-    name = f"{variant} seed {seed}"
-    state_dir = paths.train_state(variant, seed)
+    name = f"{variant} seed {seed}" + (f" fold_{fold}" if fold is not None else "")
+    state_dir = paths.train_state(variant, seed, fold)
     meta = checkpoint_meta(cfg.arch, cfg.dropout, run.classes, run.image_size, data.mean, data.std,
                            head_hidden=cfg.head_hidden, keep_imagenet_head=cfg.keep_imagenet_head,
-                           variant=variant, seed=seed)
-    fingerprint = run_fingerprint(cfg, data, seed)
+                           variant=variant, seed=seed, fold=fold)
+    fingerprint = run_fingerprint(cfg, data, seed, fold)
     progress = resume_or_start(run, cfg, rt, state_dir, fingerprint, name, resume)
     if rt.is_main:
         announce(run, cfg, rt, splits, name)
@@ -191,8 +189,8 @@ def train_run(variant: str, cfg: TrainParams, seed: int, data: DataParams, rt: R
     if live is None:
         return None
     live.end()
-    publish(run, progress, state_dir, meta, variant, seed)
-    return run_summary(cfg, progress, name, variant, seed)
+    publish(run, progress, state_dir, meta, variant, seed, fold)
+    return run_summary(cfg, progress, name, variant, seed, fold)
 
 
 def resume_or_start(run: TrainingRun, cfg: TrainParams, rt: Runtime, state_dir: Path, fingerprint: str,
@@ -349,24 +347,16 @@ def report(cfg: TrainParams, progress: Progress, stats: dict, row: dict, val_met
           f"elapsed {format_eta(elapsed)}, ETA {format_eta(eta)}", flush=True)
 
 
-def run_summary(cfg: TrainParams, progress: Progress, name: str, variant: str, seed: int) -> dict:
+def run_summary(cfg: TrainParams, progress: Progress, name: str, variant: str, seed: int,
+                fold: int | None) -> dict:
     result = {"best": progress.best, "epochs_trained": progress.last_epoch, "trainable_params": progress.trainable}
     if progress.study is not None:
         result["study_protocol"] = {
             **progress.study,
             "note": "epoch chosen by test F1 as in the study; leaks the test set, for comparison only"}
     print(f"train {name}: best epoch {progress.best['epoch']} by val/{cfg.select_metric}; "
-          f"checkpoints in {paths.checkpoint(variant, seed, 'best').parent}")
+          f"checkpoints in {paths.checkpoint(variant, seed, 'best', fold).parent}")
     return result
-
-
-def wrap(model: torch.nn.Module, rt: Runtime, compile_model: bool) -> torch.nn.Module:
-    """The module the training step calls: DDP over the model when distributed, compiled if asked."""
-    net = model
-    if rt.distributed:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    return torch.compile(net) if compile_model else net
 
 
 def stops_early(patience: int | None, best: dict | None, epoch: int) -> bool:
@@ -374,26 +364,18 @@ def stops_early(patience: int | None, best: dict | None, epoch: int) -> bool:
     return bool(patience and best and epoch - best["epoch"] >= patience)
 
 
-def agree_to_stop(stop: bool, rt: Runtime) -> bool:
-    """Rank 0's decision, given to every process (all must leave the loop together)."""
-    if not rt.distributed:
-        return stop
-    flag = torch.tensor([int(stop)], device=rt.device)
-    torch.distributed.broadcast(flag, src=0)
-    return bool(flag.item())
-
-
-def publish(run: TrainingRun, progress: Progress, state_dir: Path, meta: dict, variant: str, seed: int) -> None:
+def publish(run: TrainingRun, progress: Progress, state_dir: Path, meta: dict, variant: str, seed: int,
+            fold: int | None = None) -> None:
     """Move a completed run from its work folder into the DVC outputs: best.pt, last.pt (the
     final weights, lean like best.pt) and the log; then remove the folder and its resume file."""
-    target = paths.checkpoint(variant, seed, "best").parent
+    target = paths.checkpoint(variant, seed, "best", fold).parent
     with atomic_dir(target) as tmp:
         shutil.move(state_dir / "best.pt", tmp / "best.pt")
         save_checkpoint(tmp / "last.pt", run.model, meta, epoch=progress.last_epoch, metrics=progress.last)
-    with atomic_dir(paths.train_log(variant, seed)) as tmp:
+    with atomic_dir(paths.train_log(variant, seed, fold)) as tmp:
         shutil.copytree(state_dir / "log", tmp, dirs_exist_ok=True)
     remove(state_dir)
-    for parent in (state_dir.parent, paths.TRAIN_STATE):
+    for parent in (state_dir.parent, state_dir.parent.parent, paths.TRAIN_STATE):
         if parent.is_dir() and not any(parent.iterdir()):
             parent.rmdir()
 

@@ -1,7 +1,8 @@
 """Resuming an interrupted training run: what it must share with the new one, and its saved state.
 
 A run in progress keeps its state in `.train-state/<variant>/seed_<seed>/`
-(see `cxrlab.paths.train_state`). A resume continues from the last finished
+(with data.folds one folder per fold, `.../fold_<f>/`; see
+`cxrlab.paths.train_state`). A resume continues from the last finished
 epoch only if every setting that changes the numbers, and the prepared data,
 are those of the interrupted run; otherwise the run starts afresh and says why.
 """
@@ -22,12 +23,14 @@ from cxrlab.model.backbones import load_checkpoint
 RESUME_FILE = "resume.pt"
 
 
-def run_fingerprint(cfg: TrainParams, data: DataParams, seed: int) -> str:
+def run_fingerprint(cfg: TrainParams, data: DataParams, seed: int, fold: int | None = None) -> str:
     """What a resumed run must share with the interrupted one: every setting that
-    changes the numbers, and the prepared data."""
+    changes the numbers, the prepared data, and with data.folds the fold it holds out."""
     settings = cfg.model_dump(exclude={"seeds", "log_test_curve"})
-    digest = hashlib.sha256(json.dumps({"train": settings, "seed": seed, "positive": data.positive_class,
-                                        "mean": data.mean, "std": data.std}, sort_keys=True).encode())
+    run = {"train": settings, "seed": seed, "positive": data.positive_class, "mean": data.mean, "std": data.std}
+    if fold is not None:  # without folds the fingerprint is unchanged
+        run["fold"] = fold
+    digest = hashlib.sha256(json.dumps(run, sort_keys=True).encode())
     for name in ("train.csv", "test.csv", "meta.json"):
         digest.update((paths.PREPARED / name).read_bytes())
     return digest.hexdigest()

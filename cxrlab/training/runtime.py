@@ -161,3 +161,21 @@ def seed_all(*seed: int) -> None:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def wrap(model: torch.nn.Module, rt: Runtime, compile_model: bool) -> torch.nn.Module:
+    """The module the training step calls: DDP over the model when distributed, compiled if asked."""
+    net = model
+    if rt.distributed:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    return torch.compile(net) if compile_model else net
+
+
+def agree_to_stop(stop: bool, rt: Runtime) -> bool:
+    """Rank 0's decision, given to every process (all must leave the loop together)."""
+    if not rt.distributed:
+        return stop
+    flag = torch.tensor([int(stop)], device=rt.device)
+    torch.distributed.broadcast(flag, src=0)
+    return bool(flag.item())
