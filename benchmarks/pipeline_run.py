@@ -65,4 +65,4 @@ class Pipeline:
         seed_all(seed)
         with inside(self.project):  # the builder reads the prepared data's meta.json from the project
             return build_run(cfg, self.params.data, rt, Splits(self.fit, self.val, self.test), seed,
-                             loader_settings(cfg, rt.device))
+                             loader_settings(self.params.runtime, rt.device))
