@@ -66,7 +66,7 @@ def test_readme_quick_start_runs_as_written_on_a_fresh_offline_clone(tmp_path):
     # `dvc exp apply demo` brought the demo's params and outputs into the workspace
     assert yaml.safe_load((clone / "params.yaml").read_text())["data"]["source"] == "demo"
     assert "SYNTHETIC IMAGES" in (clone / "data/raw/synthetic-demo/SYNTHETIC.txt").read_text()
-    split = json.loads((clone / "metrics/split.json").read_text())
+    split = json.loads((clone / "metrics/split_report.json").read_text())
     assert list(split["classes"]) == ["Healthy", "TB"]
     assert all(e["test"]["first"].startswith("synthetic-") for e in split["classes"].values())
     for path in ("plots/summary.md", "explanations/baseline/gallery.png", "metrics/evaluate/both/metrics.json",
