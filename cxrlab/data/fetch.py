@@ -3,7 +3,7 @@
 Each fetcher fills an empty folder it is given; the download stage builds
 that folder beside `data/raw` and renames it into place only when complete,
 and removes it on any failure. Archives are checked entry by entry before
-anything is extracted and then unpacked by this module's own code within
+anything is extracted and then unpacked by our own code (`cxrlab.data.archives`) within
 size bounds (`extract_archive`); a downloaded archive that is refused is
 deleted. A local folder's links are followed only to files inside it
 (`copy_tree`).
