@@ -39,10 +39,10 @@ def test_auto_classes_name_every_output_and_no_stage_warns(tmp_path):
         printed += proc.stdout + proc.stderr
     assert "Warning" not in printed
 
-    split = json.loads((project / "metrics/split.json").read_text())
+    split = json.loads((project / "metrics/split_report.json").read_text())
     assert list(split["classes"]) == ["NORMAL", "PNEUMONIA"]
     assert json.loads((project / "data/prepared/meta.json").read_text())["classes"] == ["NORMAL", "PNEUMONIA"]
-    m = json.loads((project / "metrics/evaluate/baseline/metrics.json").read_text())
+    m = json.loads((project / "metrics/evaluate/baseline/report.json").read_text())
     assert set(m["best"]["per_class"]["recall"]) == {"NORMAL", "PNEUMONIA"}
     assert "prob_PNEUMONIA" in (project / "explanations/baseline/gallery.csv").read_text()
     assert "PNEUMONIA" in (project / "plots/summary.md").read_text()
@@ -65,7 +65,7 @@ def test_a_list_of_folders_names_the_classes_in_its_order(in_project, tmp_path):
                                             "data.classes": ["chest_xray/PNEUMONIA", "NORMAL"]})
     download.main([])
     split.main([])
-    report = json.loads((in_project / "metrics/split.json").read_text())
+    report = json.loads((in_project / "metrics/split_report.json").read_text())
     assert {c: e["folder"] for c, e in report["classes"].items()} == {
         "PNEUMONIA": "chest_xray/PNEUMONIA", "NORMAL": "chest_xray/NORMAL"}
     rows = (in_project / "data/split/test.csv").read_text().splitlines()[1:]

@@ -22,7 +22,8 @@ def test_a_stage_watches_exactly_the_params_dvc_yaml_lists_for_it(in_project):
     keys = guard.stage_params("train@baseline")
     assert "train" in keys and "experiments.baseline" in keys and "data.mean" in keys
     assert not any(k.startswith(("runtime", "experiments.contrast", "evaluate")) for k in keys)
-    assert guard.stage_params("compare") == ["data.positive_class", "experiments", "ensembles", "stats", "compare"]
+    assert guard.stage_params("compare") == ["data.positive_class", "experiments", "ensembles", "stats.ci_level",
+                                             "stats.resamples", "stats.seed", "stats.alpha", "compare"]
     assert guard.stage_params("no_such_stage") == []
 
 

@@ -123,7 +123,7 @@ def test_a_pixel_bomb_and_a_1_by_1_image_are_bad_images_for_the_split(in_project
 
     set_params(in_project / "params.yaml", {"data.on_bad_image": "skip"})
     split.main([])
-    report = (in_project / "metrics" / "split.json").read_text()
+    report = (in_project / "metrics" / "split_report.json").read_text()
     assert '"bad_images": 2' in report and "h0999.png" in report and "tb0999.png" in report
     assert "h0999.png" not in (in_project / "data" / "split" / "train.csv").read_text()
 

@@ -36,9 +36,9 @@ def test_repro_runs_every_stage_and_writes_every_output(reproduced):
     assert ran_stages(output) == expected
 
     outputs = declared_outputs(project)
-    # download 1, split 3, prepare 1, preprocess 1, train 4, evaluate 7 and explain 2 per variant,
-    # ensemble 7, compare 3, flops 2, plots 1
-    assert len(outputs) == 6 + 5 * (4 + 7 + 2) + 7 + 6
+    # download 1, split 3, prepare 1, preprocess 1, train 4, evaluate 8 and explain 2 per variant,
+    # ensemble 8, compare 3, flops 2, plots 1
+    assert len(outputs) == 6 + 5 * (4 + 8 + 2) + 8 + 6
     for path in outputs:
         assert path.exists(), path
     for v in VARIANTS:

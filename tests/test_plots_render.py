@@ -68,11 +68,12 @@ DESCRIBE_PLOTS = """
 
 
 @pytest.fixture(scope="module")
-def vega_builds(request) -> dict[str, bytes]:
+def vega_builds(request, tmp_path_factory) -> dict[str, bytes]:
     """{CDN URL the page asks for: that package's browser build}, from the npm packages of the same versions."""
     from dvc_render.vega import VegaRenderer
 
-    cache = Path(request.config.cache.mkdir("vega-npm-packages"))
+    plugin = getattr(request.config, "cache", None)  # pytest's cache, kept between runs, unless disabled
+    cache = Path(plugin.mkdir("vega-npm-packages")) if plugin else tmp_path_factory.mktemp("vega-npm-packages")
     builds = {}
     for match in CDN_SCRIPT.finditer(VegaRenderer.SCRIPTS):
         spec, name, version = match.groups()

@@ -83,6 +83,6 @@ def test_relative_source_means_the_repository_folder_under_temp(tmp_path):
     dvc("exp", "run", "--temp", "-n", "rel", "-S", "data.source=xrays", "split", cwd=project)
     refs = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=project).stdout.split()
     ref = next(r for r in refs if r.endswith("/rel"))  # the experiment's commit holds its metrics
-    split = json.loads(run(["git", "show", f"{ref}:metrics/split.json"], cwd=project).stdout)
+    split = json.loads(run(["git", "show", f"{ref}:metrics/split_report.json"], cwd=project).stdout)
     assert {c: e["folder"] for c, e in split["classes"].items()} == {"Healthy": "imgs/health", "TB": "imgs/tb"}
     assert split["total"]["test"] + split["total"]["train"] == 20

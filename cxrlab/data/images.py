@@ -39,7 +39,7 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".
 DETECTOR_BITS = (8, 10, 12, 14, 16)
 
 # PIL's own bomb check (a warning above Image.MAX_IMAGE_PIXELS, an error
-# above twice that) is set to our limit by `open_image`, which refuses
+# above twice that) is set to our limit while `open_image` has an image open; it refuses
 # everything above it with its own message first; the warning would only
 # repeat that on stderr.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -148,8 +148,11 @@ def open_image(source: str | Path | IO[bytes], max_pixels: int, min_side: int) -
     Raises `ImageRefused` when the image has more than `max_pixels` pixels or
     a side under `min_side`; `OSError` when it is not an image.
     """
-    Image.MAX_IMAGE_PIXELS = max_pixels  # PIL refuses beyond twice this even where we do not look
     with contextlib.ExitStack() as stack:
+        # PIL refuses beyond twice its limit even where we do not look: ours while this image is open,
+        # PIL's own again afterwards (a process-wide setting must not leak into other callers)
+        stack.callback(setattr, Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+        Image.MAX_IMAGE_PIXELS = max_pixels
         fp = source if hasattr(source, "read") else stack.enter_context(open(source, "rb"))
         bits = png_significant_bits(fp)
         try:

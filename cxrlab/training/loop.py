@@ -97,10 +97,11 @@ def format_eta(seconds: float) -> str:
 def train_variant(variant: str, params: Params) -> None:
     """Train every seed of `variant` (data-parallel under torchrun when asked) and write its summary."""
     cfg = params.variant(variant)
+    # before hours of training, not after: the outputs first, then each run's folders
+    check_writable(paths.train_dir(variant) / "metrics.json", paths.model_dir(variant))
     train_split, test_split = load_split("train"), load_split("test")
     units = run_units(cfg.seeds, train_split)  # (seed, fold): the ETA counts them all
-    check_writable(paths.train_dir(variant) / "metrics.json",  # before hours of training, not after
-                   *run_outputs(variant, units))
+    check_writable(*run_outputs(variant, units))
     knobs = params.runtime
     launch = torchrun_command(knobs.processes, knobs.nodes, knobs.rendezvous, "stages.train", [variant])
     if launch:
