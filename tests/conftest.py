@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
+
+# one copy of the project-copy and params helpers, shared with the benchmark
+from benchmarks.fixtures import PROJECT_FILES, copy_project, set_params  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 MINI = SHARED_DATA / "tb-cxr-mini"
-PROJECT_FILES = ("stages", "cxrlab", "app", "studies", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/plots",
-                 ".dvcignore", ".gitignore")
 
 COMMANDS = ("predict", "page", "study")  # cxrlab.cli.<name>; everything else is stages.<name>
 
@@ -28,18 +27,6 @@ TINY = {
     "evaluate.batch_size": 32,
     "stats.resamples": 200,
 }
-
-
-def set_params(params_file: Path, changes: dict) -> None:
-    """Edit params.yaml: `{"train.lr": 0.1}` sets params['train']['lr']."""
-    params = yaml.safe_load(params_file.read_text())
-    for dotted, value in changes.items():
-        *parents, leaf = dotted.split(".")
-        node = params
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def env(extra: dict | None = None) -> dict:
@@ -70,19 +57,6 @@ def stage(module: str, *args: str, cwd: Path, check: bool = False,
     """Run a stage's module as DVC would (or a command: predict, page, study); `env` adds environment variables."""
     target = f"cxrlab.cli.{module}" if module in COMMANDS else f"stages.{module}"
     return run([sys.executable, "-m", target, *args], cwd=cwd, check=check, extra_env=env)
-
-
-def copy_project(dest: Path) -> Path:
-    """The project's code and pipeline (no data, models or outputs) in `dest`."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in PROJECT_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-    return dest
 
 
 def git_repo(path: Path) -> None:
