@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
+
+# Under pytest-xdist, the cores are shared out between the workers: a torch (OpenMP) thread pool as large as
+# the machine in every worker, and in every stage process a worker starts, leaves threads spinning for cores
+# another process holds. Set before torch is imported; subprocesses inherit it (`env` below).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0))
+                                                     // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 # one copy of the project-copy and params helpers, shared with the benchmark
-from benchmarks.fixtures import PROJECT_FILES, copy_project, set_params  # noqa: F401
+from benchmarks.fixtures import PROJECT_FILES, copy_project, set_params  # noqa: E402, F401
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -27,6 +37,46 @@ TINY = {
     "evaluate.batch_size": 32,
     "stats.resamples": 200,
 }
+
+
+# The session fixtures below that run a pipeline, by the pytest-xdist group whose worker builds them once.
+PIPELINE_GROUPS = {"reproduced": "e2e", "experimented": "e2e", "trained_project": "trained"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist turns the group marks into node ids
+def pytest_collection_modifyitems(items) -> None:
+    """Keep each pipeline-building fixture on one pytest-xdist worker (`--dist loadgroup`, pyproject.toml):
+    the tests that share a session pipeline fixture form one group, and so do the tests of a module
+    with a module-scoped fixture of its own; every other test goes to whichever worker is free."""
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        group = next((PIPELINE_GROUPS[n] for n in names if n in PIPELINE_GROUPS), None)
+        if group is None:
+            defs = getattr(item, "_fixtureinfo", None)
+            module_scoped = [d for n in names for d in (defs.name2fixturedefs.get(n, ()) if defs else ())
+                             if d.scope == "module" and d.baseid.startswith("tests/")]
+            group = item.module.__name__ if module_scoped else None
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+UNGROUPED = "pytest-xdist did not keep this test's group on one worker, so each worker would build its shared " \
+            "fixtures again: install the pytest and pytest-xdist versions that requirements.txt pins"
+UNGROUPED_KEY = pytest.StashKey[bool]()
+
+
+def pytest_collection_finish(session) -> None:
+    """Under `--dist loadgroup`, pytest-xdist tags each grouped test's node id with its group. A pytest that
+    stores node ids where it cannot (9.2) would silently double the suite's time: such tests fail at once."""
+    if getattr(session.config.option, "loadgroup", False):  # set in each worker under --dist loadgroup
+        for item in session.items:
+            if item.get_closest_marker("xdist_group") and "@" not in item.nodeid:
+                item.stash[UNGROUPED_KEY] = True
+
+
+def pytest_runtest_setup(item) -> None:
+    if item.stash.get(UNGROUPED_KEY, False):
+        pytest.fail(UNGROUPED, pytrace=False)
 
 
 def env(extra: dict | None = None) -> dict:
@@ -94,6 +144,36 @@ def prepared_project(root: Path, n_per_class: int = 20, **changes) -> Path:
     return project
 
 
+def run_pipeline(project: Path, monkeypatch, explain: bool = False) -> dict:
+    """Every stage of dvc.yaml (explain only if asked), in order, in this process, in `project`; returns the
+    params used. Spares a Python and torch start per stage; DVC's own run is the quick start's (`reproduced`)."""
+    import time
+
+    from stages import compare, download, ensemble, evaluate, flops, plots, prepare, preprocess, split, train
+    from stages import explain as explain_stage
+
+    monkeypatch.chdir(project)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    per_variant = (train, evaluate, explain_stage) if explain else (train, evaluate)
+    steps = [(stage.main, []) for stage in (download, split, prepare, preprocess)]
+    steps += [(stage.main, [v]) for v in params["experiments"] for stage in per_variant]
+    steps += [(ensemble.main, [name]) for name in params["ensembles"]]
+    steps += [(stage.main, []) for stage in (compare, flops, plots)]
+    for main, args in steps:
+        started = time.perf_counter()
+        main(args)
+        print(f"{main.__module__} {' '.join(args)}: {time.perf_counter() - started:.1f} s")
+    return params
+
+
+def declared_outputs(project: Path) -> list[Path]:
+    """Every out, metric and plot file that dvc.yaml declares (foreach stages expanded by DVC itself)."""
+    from dvc.repo import Repo
+
+    with Repo(str(project)) as repo:
+        return [Path(out.fs_path) for st in repo.index.stages for out in st.outs]
+
+
 def hub_weights_path(torch_home: Path, arch: str) -> Path:
     """Where torchvision looks for `arch`'s ImageNet weights under TORCH_HOME."""
     from urllib.parse import urlparse
@@ -151,19 +231,56 @@ def trained_project(tmp_path_factory) -> Path:
     return project
 
 
+OFFLINE = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}  # any download fails fast
+
+
+def quick_start_commands(readme: Path = ROOT / "README.md") -> list[list[str]]:
+    """The commands of the README's "Quick start" section's code blocks, comments dropped."""
+    section = readme.read_text().split("\n## Quick start", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
+    assert blocks, "the README's quick start has no bash block"
+    text = "\n".join(blocks).replace("\\\n", " ")
+    return [shlex.split(line, comments=True) for line in text.splitlines() if shlex.split(line, comments=True)]
+
+
+def tiny(args: list[str]) -> list[str]:
+    """`dvc exp run ... -S key=value ...` at the tests' TINY settings: a value the README sets for one of
+    TINY's keys is replaced, TINY's other keys are appended; every other word stays as written."""
+    if args[:3] != ["dvc", "exp", "run"]:
+        return args
+    out, done = list(args), set()
+    for i, word in enumerate(out):
+        key = word.split("=", 1)[0]
+        if out[i - 1] == "-S" and key in TINY:
+            out[i] = f"{key}={TINY[key]}"
+            done.add(key)
+    for key in TINY.keys() - done:
+        out += ["-S", f"{key}={TINY[key]}"]
+    return out
+
+
 @pytest.fixture(scope="session")
 def reproduced(tmp_path_factory) -> tuple[Path, str]:
-    """The whole pipeline (five variants, the ensemble; synthetic 48 px X-rays, TINY settings) after
-    `dvc repro` in a git repository: (project, DVC's output). Shared by the end-to-end and plots tests."""
-    from cxrlab.data.synthetic import make_dataset
-
-    root = tmp_path_factory.mktemp("e2e")
-    source = make_dataset(root / "source", n_per_class=30, size=48)
-    project = copy_project(root / "project")
-    set_params(project / "params.yaml", {**TINY, "data.source": str(source)})
-    git_repo(project)
-    result = dvc("repro", cwd=project)
-    return project, result.stdout + result.stderr
+    """The suite's one run of the whole pipeline: the README's quick start, as written, on a fresh clone
+    with nothing beside it and no network (`data.source=demo` under `dvc exp run --temp`, then
+    `dvc exp apply demo`), at TINY settings, with params.yaml's five variants and their ensemble.
+    (the clone, the output of the quick start's `dvc exp run`). Shared by the quick-start, end-to-end
+    and plots tests."""
+    root = tmp_path_factory.mktemp("quickstart")
+    origin = copy_project(root / "origin")
+    git_repo(origin)
+    run(["git", "clone", "-q", str(origin), "clone"], cwd=root)
+    clone = root / "clone"
+    assert sorted(p.name for p in root.iterdir()) == ["clone", "origin"]  # nothing beside it: no shared/ data
+    commands = quick_start_commands()
+    assert any(c[:3] == ["dvc", "exp", "run"] and "data.source=demo" in c and "--temp" in c for c in commands)
+    output = ""
+    for args in commands:
+        args = tiny(args)
+        proc = run([sys.executable, "-m", *args] if args[0] == "dvc" else args, cwd=clone, extra_env=OFFLINE)
+        if args[:3] == ["dvc", "exp", "run"]:
+            output = proc.stdout + proc.stderr
+    return clone, output
 
 
 EXPERIMENT = "+experiments.contrast.lr=0.003"  # '+' adds a key the variant does not set yet (Hydra's syntax)

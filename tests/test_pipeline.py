@@ -1,5 +1,6 @@
-"""End to end: `dvc repro` of the whole pipeline in a temporary git repository,
-then an experiment on one variant, `dvc metrics diff` and `dvc plots show`."""
+"""End to end: the whole pipeline, run by the README's quick start on a fresh clone (the
+`reproduced` fixture), then an experiment on one variant, `dvc metrics diff` and `dvc plots show`;
+and the pipeline on real chest X-rays when ../shared/data/tb-cxr-mini is present."""
 
 from __future__ import annotations
 
@@ -7,22 +8,15 @@ import csv
 import json
 import re
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from tests.conftest import MINI, TINY, copy_project, dvc, git_repo, run, set_params
+from tests.conftest import MINI, TINY, copy_project, declared_outputs, dvc, git_repo, run, run_pipeline, set_params
 
 VARIANTS = ["baseline", "regu_penalty", "dropout", "sharpness", "contrast"]
 ENSEMBLE = "all_variants"  # params.yaml's ensemble of the five
-
-
-def declared_outputs(project: Path) -> list[Path]:
-    """Every out, metric and plot file that dvc.lock records."""
-    lock = yaml.safe_load((project / "dvc.lock").read_text())
-    return [project / out["path"] for st in lock["stages"].values() for out in st.get("outs", [])]
 
 
 def ran_stages(output: str) -> set[str]:
@@ -70,7 +64,7 @@ def test_runtime_knobs_rerun_nothing(reproduced):
 def test_metrics_are_complete_and_in_range(reproduced):
     project, _ = reproduced
     split = json.loads((project / "metrics/split_report.json").read_text())
-    assert split["total"] == {"test": 12, "train": 48, "of_which_val": 4}  # 30 per class: 6 test, 24 train
+    assert split["total"] == {"test": 24, "train": 96, "of_which_val": 10}  # the demo: 60 per class
     assert json.loads((project / "metrics/split.json").read_text()) == {**split["total"], "bad_images": 0}
     for v in VARIANTS:
         m = json.loads((project / "metrics/evaluate" / v / "report.json").read_text())
@@ -83,11 +77,11 @@ def test_metrics_are_complete_and_in_range(reproduced):
                 assert r[key + "_ci"]["low"] <= r[key] <= r[key + "_ci"]["high"], (v, which, key)
             assert r["macro"]["f1_ci"]["low"] <= r["macro"]["f1"] <= r["macro"]["f1_ci"]["high"]
             assert set(r["per_class"]["recall"]) == {"Healthy", "TB"}
-            assert sum(sum(row.values()) for row in r["confusion_matrix"].values()) == 12
+            assert sum(sum(row.values()) for row in r["confusion_matrix"].values()) == 24
             assert 0 <= r["ece"] <= 1
-            # 2 validation positives: too few for a threshold (9 needed at 0.90); the metrics stay at the argmax
+            # 5 validation positives: too few for a threshold (9 needed at 0.90); the metrics stay at the argmax
             op = r["operating_point"]
-            assert op["validation_positives"] == 2 and op["thresholds"] is None
+            assert op["validation_positives"] == 5 and op["thresholds"] is None
             assert "needs at least 9" in op["message"]
         headline = json.loads((project / "metrics/evaluate" / v / "metrics.json").read_text())
         assert headline[v]["f1"] == m["best"]["f1"]  # keyed by variant: short, unique dvc exp show columns
@@ -100,7 +94,7 @@ def test_metrics_are_complete_and_in_range(reproduced):
         assert train_headline[v]["best_epoch"] == m["best"]["epoch"]
         with open(project / "metrics/evaluate" / v / "predictions.csv") as f:
             rows = list(csv.DictReader(f))
-        assert len(rows) == 12 and {r["seed"] for r in rows} == {"42"}
+        assert len(rows) == 24 and {r["seed"] for r in rows} == {"42"}
         for r in rows:
             assert float(r["best_prob_Healthy"]) + float(r["best_prob_TB"]) == pytest.approx(1, abs=2e-6)
             assert r["best_threshold"] == "" and r["best_decision"] == r["best_predicted"]
@@ -160,8 +154,8 @@ def test_experiment_on_one_variant_reruns_only_it(experimented):
     diff = dvc("metrics", "diff", cwd=project).stdout  # what changed against HEAD
     assert "metrics/evaluate/contrast/metrics.json" in diff
     assert "metrics/train/contrast/metrics.json" in diff
-    for other in VARIANTS[:-1]:
-        assert other not in diff
+    for other in VARIANTS[:-1]:  # their comparison p-values may move: Holm's family includes contrast's tests
+        assert f"/{other}/" not in diff
 
     assert re.search(r"contrast\.(f1|roc_auc)_(low|high)", diff)  # the headline intervals are metrics too
 
@@ -205,7 +199,9 @@ def test_a_repeated_cpu_run_reproduces_weights_and_metrics_exactly(reproduced):
 
 
 @pytest.mark.skipif(not MINI.is_dir(), reason="../shared/data/tb-cxr-mini is not present")
-def test_repro_on_real_chest_xrays(tmp_path):
+def test_pipeline_on_real_chest_xrays(tmp_path, monkeypatch):
+    """Every stage on 120 real X-rays, two seeds per variant and a hard-voting ensemble over seeds. The
+    stages run in this process (`run_pipeline`); DVC's own run of the pipeline is the quick start's."""
     project = copy_project(tmp_path / "project")
     set_params(project / "params.yaml", {**TINY, "data.source": str(MINI), "data.image_size": 64,
                                          "data.classes": {"Healthy": "Healthy", "TB": "TB"}})
@@ -215,7 +211,7 @@ def test_repro_on_real_chest_xrays(tmp_path):
     params["train"]["seeds"] = [1, 2]  # also covers several seeds per variant
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git_repo(project)
-    dvc("repro", cwd=project)
+    run_pipeline(project, monkeypatch, explain=True)
     split = json.loads((project / "metrics/split_report.json").read_text())
     assert split["classes"]["Healthy"]["test"] == {"count": 12, "first": "CHNCXR_0005_0.png",
                                                    "last": "CHNCXR_0045_0.png"}

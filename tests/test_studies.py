@@ -1,15 +1,14 @@
 """The neighbouring studies as params (`studies/*.yaml`), each run end to end at tiny settings,
 plus k classes and early stopping.
 
-The stages run in this process, in dvc.yaml's order, to spare a Python and
-torch start per stage; the full `dvc repro` is covered by test_pipeline.
+The stages run in this process, in dvc.yaml's order (`run_pipeline`), to spare a
+Python and torch start per stage; DVC's own run of the whole pipeline is test_pipeline's.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,19 +19,7 @@ from cxrlab.cli import study
 from cxrlab.config import studies
 from cxrlab.data.synthetic import make_dataset
 from cxrlab.training import loop
-from stages import (
-    compare,
-    download,
-    ensemble,
-    evaluate,
-    flops,
-    plots,
-    prepare,
-    preprocess,
-    split,
-    train,
-)
-from tests.conftest import copy_project, set_params, write_hub_weights
+from tests.conftest import copy_project, run_pipeline, set_params, write_hub_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = sorted(p.stem for p in (ROOT / "studies").glob("*.yaml"))
@@ -40,21 +27,6 @@ STUDIES = sorted(p.stem for p in (ROOT / "studies").glob("*.yaml"))
 # Tiny settings on top of a study: 32 px, 3 epochs, 8 images per class.
 TINY_STUDY = {"data.image_size": 32, "train.epochs": 3, "train.batch_size": 8, "evaluate.batch_size": 32,
               "stats.resamples": 200}
-
-
-def run_pipeline(project: Path, monkeypatch) -> dict:
-    """Every stage of dvc.yaml, in order, in `project`; returns the params used."""
-    monkeypatch.chdir(project)
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    steps = [(stage.main, []) for stage in (download, split, prepare, preprocess)]
-    steps += [(stage.main, [v]) for v in params["experiments"] for stage in (train, evaluate)]
-    steps += [(ensemble.main, [name]) for name in params["ensembles"]]
-    steps += [(stage.main, []) for stage in (compare, flops, plots)]
-    for main, args in steps:
-        started = time.perf_counter()
-        main(args)
-        print(f"{main.__module__} {' '.join(args)}: {time.perf_counter() - started:.1f} s")
-    return params
 
 
 def study_project(tmp_path: Path, name: str, n_per_class: int = 8, **changes) -> Path:
