@@ -58,6 +58,8 @@ def pytest_collection_modifyitems(items) -> None:
             group = item.module.__name__ if module_scoped else None
         if group:
             item.add_marker(pytest.mark.xdist_group(group))
+        if any(n in PIPELINE_GROUPS for n in names):
+            item.add_marker(pytest.mark.slow)  # it needs a pipeline run
 
 
 UNGROUPED = "pytest-xdist did not keep this test's group on one worker, so each worker would build its shared " \

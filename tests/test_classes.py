@@ -31,6 +31,7 @@ def pneumonia_project(tmp_path, classes) -> tuple:
     return project
 
 
+@pytest.mark.slow
 def test_auto_classes_name_every_output_and_no_stage_warns(tmp_path):
     project = pneumonia_project(tmp_path, "auto")
     printed = ""

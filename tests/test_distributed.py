@@ -55,6 +55,7 @@ def prepared(tmp_path_factory):
     return prepared_project(tmp_path_factory.mktemp("ddp"), **{"train.log_test_curve": False})
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_train_and_write_what_one_process_writes(prepared):
     project = prepared
     one = run([sys.executable, "-m", "stages.train", "baseline"], cwd=project).stdout

@@ -198,6 +198,7 @@ def test_a_repeated_cpu_run_reproduces_weights_and_metrics_exactly(reproduced):
     assert f"metrics/train/{variant}/seeds" in status and f"models/{variant}" not in status
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not MINI.is_dir(), reason="../shared/data/tb-cxr-mini is not present")
 def test_pipeline_on_real_chest_xrays(tmp_path, monkeypatch):
     """Every stage on 120 real X-rays, two seeds per variant and a hard-voting ensemble over seeds. The

@@ -16,6 +16,8 @@ import torch
 
 from tests.conftest import env, prepared_project, run, set_params
 
+pytestmark = pytest.mark.slow  # every test trains (the module's project)
+
 VARIANT = "contrast"  # augments in loader workers: the hardest case to repeat
 
 

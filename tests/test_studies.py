@@ -109,6 +109,7 @@ def test_the_study_command_lists_applies_and_validates(tmp_path, monkeypatch, ca
         study.main(["nope"])
 
 
+@pytest.mark.slow
 def test_covid4_study_four_classes(tmp_path, monkeypatch, hub):
     hub("resnet152", "resnet50", "vit_b_16")
     project = study_project(tmp_path, "covid4_transfer", **{"experiments.resnet50_finetune.warmup_epochs": 1})
@@ -124,6 +125,7 @@ def test_covid4_study_four_classes(tmp_path, monkeypatch, hub):
     assert log_column(project, "resnet50_finetune", "lr") == pytest.approx([0.5e-4, 1e-4, 1e-7])
 
 
+@pytest.mark.slow
 def test_shufflenet_study_logs_per_class_metrics_every_epoch(tmp_path, monkeypatch, hub):
     hub("shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x1_5", "shufflenet_v2_x2_0")
     project = study_project(tmp_path, "shufflenet_transfer")
@@ -135,6 +137,7 @@ def test_shufflenet_study_logs_per_class_metrics_every_epoch(tmp_path, monkeypat
     assert lr == pytest.approx([0.01, 0.01 * (0.001 + 0.999 * 0.5), 0.01 * 0.001])  # cosine to lr x lrf
 
 
+@pytest.mark.slow
 def test_resnet_guide_study_freezing_progressive_and_ensembles(tmp_path, monkeypatch, hub):
     hub("resnet50")
     phases = [{"epoch": 1, "freeze": "head_only", "lr_factor": 10.0},
@@ -151,6 +154,7 @@ def test_resnet_guide_study_freezing_progressive_and_ensembles(tmp_path, monkeyp
         assert report(project, name)["best"]["n"] == report(project, "full")["best"]["n"]
 
 
+@pytest.mark.slow
 def test_skin_lesion_study_accumulates_and_decays_exponentially(tmp_path, monkeypatch, hub):
     hub("resnet18", "resnet34", "resnet50")
     project = study_project(tmp_path, "skin_lesion_resnet", n_per_class=10)
@@ -164,6 +168,7 @@ def test_skin_lesion_study_accumulates_and_decays_exponentially(tmp_path, monkey
 THREE = {"Healthy": ("health", "h"), "TB": ("tb", "tb"), "Pneumonia": ("pneu", "p")}
 
 
+@pytest.mark.slow
 def test_three_classes_end_to_end_with_weights_sampler_and_early_stopping(tmp_path, monkeypatch):
     source = make_dataset(tmp_path / "source", n_per_class=10, size=32, layout=THREE)
     project = copy_project(tmp_path / "project")
