@@ -7,6 +7,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -149,8 +150,6 @@ def prepared_project(root: Path, n_per_class: int = 20, **changes) -> Path:
 def run_pipeline(project: Path, monkeypatch, explain: bool = False) -> dict:
     """Every stage of dvc.yaml (explain only if asked), in order, in this process, in `project`; returns the
     params used. Spares a Python and torch start per stage; DVC's own run is the quick start's (`reproduced`)."""
-    import time
-
     from stages import compare, download, ensemble, evaluate, flops, plots, prepare, preprocess, split, train
     from stages import explain as explain_stage
 
