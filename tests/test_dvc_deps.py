@@ -19,10 +19,10 @@ from tests.conftest import ROOT
 # Modules that cannot change a stage's numbers: error texts and the stage runner
 # (errors), the wording of params errors (config/errors), output path names
 # (paths: a renamed output fails DVC's own output check instead), atomic-write
-# helpers (fsio), the guard that stops a stage whose params changed while it ran
-# (config/guard). Empty package markers count as none.
-EXEMPT = {"cxrlab/errors.py", "cxrlab/config/errors.py", "cxrlab/paths.py", "cxrlab/io/fsio.py",
-          "cxrlab/config/guard.py"}
+# helpers (fsio). Empty package markers count as none. The params guard
+# (config/guard) is listed like the rest of config/: every stage already depends
+# on config/load and config/schema, so listing it reruns nothing more often.
+EXEMPT = {"cxrlab/errors.py", "cxrlab/config/errors.py", "cxrlab/paths.py", "cxrlab/io/fsio.py"}
 
 
 def module_file(name: str) -> Path | None:
@@ -87,9 +87,10 @@ def test_every_stage_lists_exactly_the_code_it_imports():
 
 
 def test_exempt_modules_hold_no_computation():
-    """The exemption is only safe while these modules import nothing that computes."""
+    """The exemption is only safe while these modules import nothing that computes. The one module
+    beyond EXEMPT they reach is the params guard (the stage runner watches params), a dep of every stage."""
     for f in EXEMPT:
-        assert needed(import_closure(f[:-3].replace("/", "."))) == set(), f
+        assert needed(import_closure(f[:-3].replace("/", "."))) <= {"cxrlab/config/guard.py"}, f
 
 
 def test_the_closure_follows_imports_inside_functions(tmp_path):
