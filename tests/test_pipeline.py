@@ -86,7 +86,8 @@ def test_metrics_are_complete_and_in_range(reproduced):
         headline = json.loads((project / "metrics/evaluate" / v / "metrics.json").read_text())
         assert headline[v]["f1"] == m["best"]["f1"]  # keyed by variant: short, unique dvc exp show columns
         assert headline[v]["roc_auc_low"] == m["best"]["roc_auc_ci"]["low"]
-        assert "op_sensitivity" not in headline[v]
+        assert "threshold" not in headline[v] and m["best"]["threshold"] is None  # no threshold: the argmax
+        assert m["best"]["sensitivity"] == m["best"]["argmax"]["sensitivity"]
         train = json.loads((project / "metrics/train" / v / "report.json").read_text())
         assert train["seeds"]["seed_42"]["best"]["epoch"] == m["best"]["epoch"]
         assert train["seeds"]["seed_42"]["study_protocol"]["epoch"] in (1, 2)
