@@ -203,7 +203,7 @@ def summary_table(variants, evals, trains, flops, classes, positive, comparison_
         (f"Test set: {n_test} images. F1, sensitivity and specificity are those of **{positive}**. Every "
          "model decides at its operating threshold (chosen on validation, each seed its own: see the operating "
          "point below), the rule predict, the page and the Grad-CAM gallery use; a model without one at the "
-         "argmax (0.5), which the last table shows for all, for reference. "
+         "argmax (0.5), which the table \"at the argmax\" shows for every model, for reference. "
          f"{spread[0].upper() + spread[1:]}; intervals cover {first['intervals']}. Confusion matrices: rows are "
          f"the true class and columns the predicted class, both in the order {', '.join(classes)} (for two "
          "classes with the second positive: [[TN FP] [FN TP]])."),
