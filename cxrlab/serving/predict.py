@@ -117,12 +117,8 @@ def load_predictor(path: str | Path | Sequence[str | Path], positive_class: str 
 
 def make_predictor(ckpts: list[dict], files: Sequence[str | Path], positive_class: str | None = None,
                    threshold: float | None = None, device: str = "auto") -> Predictor:
-    """Like `load_predictor`, for checkpoints already loaded from `files` (all of the same classes and size)."""
-    first = ckpts[0]
-    for ckpt, path in zip(ckpts[1:], files[1:]):
-        if ckpt["classes"] != first["classes"] or ckpt["image_size"] != first["image_size"]:
-            raise UserError(f"{path} and {files[0]} are fold models of one seed but differ in classes or image "
-                            "size; retrain the variant (dvc repro)")
+    """Like `load_predictor`, for checkpoints already loaded from `files`."""
+    first = ckpts[0]  # fold models of one seed: trained together by one train stage, on the same data
     rt = setup(device, amp=False, channels_last=False)
     models = [model_from_checkpoint(ckpt, path).to(rt.device).eval() for ckpt, path in zip(ckpts, files)]
     classes = list(first["classes"])
