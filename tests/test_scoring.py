@@ -16,7 +16,7 @@ ST = StatsParams(ci_level=0.95, resamples=200, seed=0, alpha=0.05, resample_seed
 
 
 def evaluate_params(**changes) -> EvaluateParams:
-    return EvaluateParams(**{"batch_size": 8, "target_sensitivity": 0.9, "screening": WHO,
+    return EvaluateParams(**{"batch_size": 8, "target_sensitivity": 0.9, "threshold_rule": "expected", "screening": WHO,
                              "calibration_bins": 10, **changes})
 
 
@@ -44,6 +44,9 @@ def test_operating_point_uses_the_order_statistic_and_warns_below_30_positives()
     assert "only 20 validation images of TB (fewer than 30)" in op["warning"]
     assert op["test"]["sensitivity"] == pytest.approx(0.9) and op["test"]["specificity"] == 1.0
     assert op["target"]["name"] == WHO["name"] and op["meets_target"] is True
+    # 9/10 test positives: exact interval [0.555, 0.997] straddles 0.9; 20/20 negatives: [0.832, 1] clears 0.7
+    assert op["verdict_by_metric"] == {"sensitivity": "inconclusive", "specificity": "met"}
+    assert op["verdict"] == "inconclusive"
 
 
 def test_too_few_positives_give_no_threshold_and_a_message():
@@ -51,7 +54,7 @@ def test_too_few_positives_give_no_threshold_and_a_message():
     op = scoring.operating_point(y_val, [p_val], y_val, [p_val], ["seed_1"], ["Healthy", "TB"], "TB",
                                  evaluate_params(), ST)
     assert op["thresholds"] is None and "test" not in op
-    assert op["message"].startswith("8 validation images of TB: the threshold rule needs at least 9")
+    assert op["message"].startswith("8 validation images of TB: the expected threshold rule needs at least 9")
     assert scoring.headline({"accuracy": 0.5, "operating_point": op}) == {"accuracy": 0.5}
 
 
@@ -81,8 +84,8 @@ def test_several_seeds_list_each_threshold_and_label_their_intervals():
                                  ["Healthy", "TB"], "TB", evaluate_params(), ST)
     assert op["thresholds"] == {"seed_1": pytest.approx(0.52), "seed_2": pytest.approx(0.62)}  # no mean
     assert scoring.interval_kind(2, ST) == "test"
-    assert scoring.interval_kind(3, ST.model_copy(update={"resample_seeds": True})) == "seeds+test"
-    assert scoring.interval_kind(2, ST.model_copy(update={"resample_seeds": True})) == "test"
+    assert scoring.interval_kind(5, ST.model_copy(update={"resample_seeds": True})) == "seeds+test"
+    assert scoring.interval_kind(4, ST.model_copy(update={"resample_seeds": True})) == "test"  # liberal below 5
 
 
 def test_headline_is_numbers_only():
