@@ -280,5 +280,5 @@ def headline_line(title: str, m: dict, positive: str) -> str:
         line += (f"; at threshold {thresholds}: sensitivity {op['test']['sensitivity']:.4f}, "
                  f"specificity {op['test']['specificity']:.4f}")
         if op.get("target"):
-            line += f", {op['target']['name']}: {op['verdict']} (read on the exact intervals)"
+            line += f", {op['target']['name']}: {op.get('verdict', 'n/a')} (read on the exact intervals)"
     return line
