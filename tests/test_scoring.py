@@ -192,3 +192,33 @@ def test_summary_rows_say_what_their_own_intervals_cover_and_show_the_verdict_an
     assert "exact (Clopper-Pearson) for accuracy, sensitivity and specificity" in text
     assert "| inconclusive |" in text and "met at CI low" not in text
     assert "(calibrated: 0.0508)" in text and "| 0.9048 (0.39) |" in text  # expected 1 - 2/21 and P(short)
+
+
+def test_the_page_shows_the_interval_verdict_and_which_intervals_are_exact(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from cxrlab.config.load import load_params
+    from cxrlab.io.fsio import write_json
+    from cxrlab.serving.webapp import metrics_table
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    y_val, p_val = validation(20)
+    y = np.array([1] * 12 + [0] * 12)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "metrics/evaluate/baseline").mkdir(parents=True)
+    write_json(tmp_path / "metrics/evaluate/baseline/report.json",
+               report_of(y, binary(np.where(y == 1, 0.9, 0.1)), y_val, p_val, "test"))
+    table = metrics_table("baseline", params)
+    assert "| Sensitivity at the threshold | 1.000 | [0.735, 1.000] |" in table
+    assert "| WHO TPP, CXR triage test for TB (sensitivity >= 0.9, specificity >= 0.7) | inconclusive |" in table
+    assert "exact (Clopper-Pearson) for accuracy, sensitivity, specificity and precision" in table
+
+
+def test_compare_marks_an_interval_that_disagrees_with_its_test():
+    from cxrlab.evaluation import compare
+
+    r = {"difference": 0.1, "low": 0.01, "high": 0.2, "p_value": 0.3}  # interval excludes 0, p does not reject
+    assert compare.agrees(r, 0.05) is False
+    assert compare._fmt_diff("f1", {**r, "interval_agrees": False}) == "+0.1000 [+0.0100, +0.2000] †"
+    assert compare.agrees({**r, "p_value": 0.01}, 0.05) is True and compare.agrees({**r, "low": -0.1}, 0.05) is True
+    assert compare.agrees({**r, "p_value": None}, 0.05) is None

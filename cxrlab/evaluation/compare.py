@@ -77,13 +77,23 @@ def compare_pair(y, prob_ref, prob_var, pred_ref, pred_var, positive: int, st, p
     return boot
 
 
+def agrees(r: dict, alpha: float) -> bool | None:
+    """Whether the unadjusted interval and the raw p-value agree about 0 (interval excludes 0 iff p < alpha).
+    The bootstrap interval runs narrow on small test sets where the exact and permutation tests keep their
+    level: they can disagree, and then the test decides (the table marks it)."""
+    if r.get("low") is None or r.get("p_value") is None:
+        return None
+    return bool((r["low"] > 0 or r["high"] < 0) == (r["p_value"] < alpha))
+
+
 def _fmt_diff(name: str, r: dict) -> str:
     scale, unit = (100, " pts") if name == "accuracy" else (1, "")
     digits = 2 if name == "accuracy" else 4
     if r["low"] is None:
         return "n/a"
     return (f"{r['difference'] * scale:+.{digits}f}{unit} "
-            f"[{r['low'] * scale:+.{digits}f}, {r['high'] * scale:+.{digits}f}]")
+            f"[{r['low'] * scale:+.{digits}f}, {r['high'] * scale:+.{digits}f}]"
+            + (" †" if r.get("interval_agrees") is False else ""))
 
 
 def _fmt_p(r: dict, floor: float) -> str:
@@ -123,7 +133,8 @@ def markdown(result: dict, n_test: int) -> str:
          + (f"{result['permutations_note']} " if result.get("permutations_note") else "")
          + (f"**Warning: {result['warning']}.** " if result.get("warning") else "")
          + "Variants are paired with the reference seed by seed; an ensemble with the reference's "
-         "seed-averaged probabilities."),
+         "seed-averaged probabilities. †: the interval and the unadjusted p-value disagree about 0 (the "
+         "bootstrap interval runs narrow on small test sets; the test decides)."),
         "",
         "| variant | pair | Δ accuracy | p (Holm) | Δ F1 | p (Holm) | Δ ROC AUC | p (Holm) |",
         "|---|---|---|---|---|---|---|---|",
@@ -195,6 +206,7 @@ def compare_all(params: Params) -> None:
     for r, p in zip(family, paired.holm([r["p_value"] for r in family])):
         r["p_holm"] = p
         r["significant"] = bool(p is not None and p < st.alpha)
+        r["interval_agrees"] = agrees(r, st.alpha)
 
     result = {"reference": ref_name, "alpha": st.alpha, "ci_level": st.ci_level, "resamples": st.resamples,
               "permutations": permutations, "p_value_floor": paired.p_value_floor(permutations),
