@@ -128,9 +128,9 @@ def test_compare_refuses_differing_seed_lists_and_formats_the_p_floor():
         compare.check_seeds(ref, scored("dropout", {"1": p, "3": p}), False)
     with pytest.raises(UserError, match=r"ensemble both has seeds \[1\] but the reference baseline has \[1, 2\]"):
         compare.check_seeds(ref, scored("both", {"1": p}, seeds=[1]), True)
-    floor = 2 / 1001
+    floor = 1 / 1501  # the permutation floor at B = 1,500
     r = {"p_value": floor, "p_holm": 5 * floor, "p_at_floor": True, "significant": True}
-    assert compare._fmt_p(r, floor) == "< 0.002 (≤ 0.00999) *"
+    assert compare._fmt_p(r, floor) == "< 0.00067 (≤ 0.00333) *"
 
 
 # ---------------------------------------------------------------- issue 27: exact bounds, rules, labels

@@ -36,6 +36,8 @@ def test_vectorised_metrics_equal_the_reference_implementation():
             for part in name.split("."):
                 ref = ref[part]
             assert fast[name][0] == pytest.approx(ref), (k, name)
+        for name, (x, n) in stats.proportion_counts(y, [prob], positive).items():  # the exact intervals' counts
+            assert x / n == pytest.approx(reference[name]), (k, name)
 
 
 def test_auc_from_ranks_handles_ties_like_sklearn():
