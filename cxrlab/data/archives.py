@@ -11,6 +11,7 @@ compression-ratio bound and `data.max_unpacked_gb`.
 
 from __future__ import annotations
 
+import functools
 import io
 import lzma
 import os
@@ -146,6 +147,7 @@ def name_problem(rel: str, target: Path) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=16)  # asked once per entry, of the same folder
 def _pathconf(path: Path, name: str, default: int) -> int:
     existing = path
     while not existing.exists() and existing != existing.parent:

@@ -128,7 +128,8 @@ def download(url: str, part: Path, max_bytes: int, name: str) -> None:
             return
         except _Retry as err:
             if attempt == RETRIES:
-                raise UserError(f"download of {url} failed {RETRIES + 1} times ({err}); {RERUN}") from None
+                tries = f" {RETRIES + 1} times" if RETRIES else ""
+                raise UserError(f"download of {url} failed{tries} ({err}); {RERUN}") from None
             wait = min(MAX_WAIT_S, err.wait if err.wait is not None else BACKOFF_S * 2 ** attempt)
             print(f"download: {err}; retrying in {wait:.3g} s ({attempt + 1} of {RETRIES})", file=sys.stderr)
             time.sleep(wait)
