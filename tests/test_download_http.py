@@ -4,6 +4,7 @@ short, a garbage status line, a server trickling bytes, 503s before a 200, a fil
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -149,6 +150,21 @@ def test_503s_then_200_is_retried_with_backoff(in_project, tmp_path, raw, capsys
     download.main([])
     assert raw_files(in_project) == DATASET
     assert capsys.readouterr().err.count("HTTP 503 Service Unavailable; retrying in 0 s") == 2
+
+
+def test_a_connection_reset_is_retried(in_project, tmp_path, raw, capsys):
+    body = make_zip(tmp_path / "ds.zip", DATASET).read_bytes()
+
+    def resets_first(conn, n):
+        if n == 0:  # close with an RST instead of an answer
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+    set_params(in_project / "params.yaml", {"data.source": raw(resets_first)})
+    download.main([])
+    assert raw_files(in_project) == DATASET
+    assert "download: connection broken: " in capsys.readouterr().err
 
 
 def test_a_server_failing_for_good_is_given_up_after_the_retries(in_project, raw, monkeypatch):
