@@ -171,8 +171,8 @@ def copy_tree(src: Path, dst: Path) -> None:
         rel = here.relative_to(root)
         for name in dirs:
             if (here / name).is_symlink():
-                problems.append(f"{shown_name((rel / name).as_posix())} -> {os.readlink(here / name)} (a link to a folder; "
-                                "links to folders are not followed: put the folder itself there)")
+                problems.append(f"{shown_name((rel / name).as_posix())} -> {os.readlink(here / name)} (a link to "
+                                "a folder; links to folders are not followed: put the folder itself there)")
         dirs[:] = [d for d in dirs if not (here / d).is_symlink()]
         for name in files:
             path = here / name
@@ -196,8 +196,8 @@ def copy_tree(src: Path, dst: Path) -> None:
     if problems:
         more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
         raise UserError(f"data.source folder {src} has entries that are not copied: {', '.join(problems[:5])}"
-                        f"{more}; nothing was copied. Replace each link by the file or folder itself, rename what the reason says, "
-                        "or remove it")
+                        f"{more}; nothing was copied. Replace each link by the file or folder itself, rename each "
+                        "file as its reason says, or remove it")
     for folder, dirs, _ in os.walk(root):
         rel = Path(folder).relative_to(root)
         (dst / rel).mkdir(parents=True, exist_ok=True)
