@@ -186,3 +186,8 @@ def test_a_url_file_name_too_long_for_the_disk_is_shortened(in_project, tmp_path
     set_params(in_project / "params.yaml", {"data.source": url + name})
     download.main([])
     assert raw_files(in_project) == DATASET
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:1/a b.zip", "http://127.0.0.1:port/ds.zip"])
+def test_an_invalid_url_is_one_line(in_project, url):
+    fails(in_project, url, r"data.source 'http://127.0.0.1:.*' is not a valid URL \(InvalidURL: .*\); fix data.source")

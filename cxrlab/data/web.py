@@ -207,12 +207,15 @@ def _attempt(url: str, part: Path, max_bytes: int, name: str) -> None:
         try:
             response = dog.opener.open(request, timeout=NETWORK_TIMEOUT_S)
         except urllib.error.HTTPError as err:
+            err.close()
             if err.code == 416 and have:  # nothing left to fetch, or a stale part: start over
                 _discard(part)
                 return _attempt(url, part, max_bytes, name)
             if err.code in RETRY_STATUSES:
                 raise _Retry(f"HTTP {err.code} {err.reason}", _retry_after(err)) from None
             raise UserError(f"downloading {url} failed: HTTP {err.code} {err.reason}; check the URL") from None
+        except (http.client.InvalidURL, ValueError) as err:  # a space or control character, a port not a number
+            raise UserError(f"data.source {url!r} is not a valid URL ({_describe(err)}); fix data.source") from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
             reason = getattr(err, "reason", err)
             if dog.fired:
