@@ -24,10 +24,8 @@ V2 = {"ds/health/h1.png": b"healthy, version 2", "ds/tb/tb1.png": b"sick, versio
 
 @pytest.fixture(autouse=True)
 def quick(monkeypatch):
-    """Retries without waiting, a stall found within a second."""
+    """Retries without waiting."""
     monkeypatch.setattr(web, "BACKOFF_S", 0.01)
-    monkeypatch.setattr(web, "STALL_WINDOW_S", 0.4)
-    monkeypatch.setattr(web, "STALL_MIN_BYTES", 200)
 
 
 def raw_server(script: Callable[[socket.socket, int], None]):
@@ -58,7 +56,7 @@ def raw_server(script: Callable[[socket.socket, int], None]):
 
 
 @pytest.fixture
-def raw(request):
+def raw():
     stops = []
 
     def start(script):
@@ -123,7 +121,10 @@ def test_a_garbage_status_line_is_one_line(in_project, raw):
 
 
 @pytest.mark.parametrize("where", ["headers", "body"])
-def test_a_trickling_server_is_stopped_in_bounded_time(in_project, raw, where):
+def test_a_trickling_server_is_stopped_in_bounded_time(in_project, raw, where, monkeypatch):
+    monkeypatch.setattr(web, "STALL_WINDOW_S", 0.4)  # 60 s and 64 kB in real use
+    monkeypatch.setattr(web, "STALL_MIN_BYTES", 200)
+
     def trickle(conn, n):
         head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"
         if where == "body":
@@ -134,7 +135,7 @@ def test_a_trickling_server_is_stopped_in_bounded_time(in_project, raw, where):
 
     started = time.monotonic()
     fails(in_project, raw(trickle), r"download of .*ds.zip stalled: fewer than 200 bytes in 0.4 s; the part is kept")
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 5  # the server would trickle for 100 s
 
 
 def test_503s_then_200_is_retried_with_backoff(in_project, tmp_path, raw, capsys):
