@@ -119,7 +119,7 @@ def test_metrics_are_complete_and_in_range(reproduced):
     summary = (project / "plots/summary.md").read_text()
     assert all(f"| {v} |" in summary for v in VARIANTS + [ENSEMBLE])
     assert "Operating point" in summary and "Paired comparisons with `baseline`" in summary
-    assert "needs at least 9" in summary and "WHO TPP" in summary and "intervals cover test sampling" in summary
+    assert "needs at least 9" in summary and "WHO TPP" in summary and "| test sampling |" in summary
 
 
 def test_metrics_files_hold_a_few_headline_numbers_only(reproduced):

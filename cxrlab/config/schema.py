@@ -304,6 +304,7 @@ class EvaluateParams(_Section):
     batch_size: Union[int, Literal["auto"]]
     # < 1: no threshold chosen on a finite validation set can promise a sensitivity of 1 on new images
     target_sensitivity: float = Field(gt=0, lt=1)
+    threshold_rule: Literal["expected", "tolerance"]
     screening: Optional[ScreeningParams]
     calibration_bins: int = Field(ge=2, le=100)
 
