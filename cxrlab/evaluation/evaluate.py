@@ -7,18 +7,21 @@ Writes to `metrics/evaluate/<variant>/`:
   bounds of F1, ROC AUC and the operating sensitivity); numbers only;
 - `report.json`: everything: for `best` (the epoch chosen on validation) and `last`,
   `operating_point`: the threshold chosen on validation for
-  `evaluate.target_sensitivity` (each seed's own), the test sensitivity and
-  specificity there (with intervals) and whether they meet the screening
-  target of `evaluate.screening`; at that threshold (the one decision rule of
-  every output: predict, the page, explain, the figures; the argmax (0.5)
+  `evaluate.target_sensitivity` by `evaluate.threshold_rule` (each seed's
+  own), the test sensitivity and specificity there (with intervals) and the
+  verdict on the screening target of `evaluate.screening` (met / not met /
+  inconclusive from the intervals); at that threshold (the one decision rule
+  of every output: predict, the page, explain, the figures; the argmax (0.5)
   where validation gives none): accuracy, the positive class's F1,
   sensitivity, specificity and precision, macro averages, each with its
-  bootstrap interval beside it (`accuracy_ci`); per-class values keyed by
-  class name; the confusion matrix {true: {predicted: count}}; ROC AUC; the
-  expected calibration error; and under `argmax` the same decision metrics at
-  the argmax (0.5), a secondary view. With several seeds: the mean over
-  seeds, `_sd` across seeds, and each seed's own report under `per_seed`;
-  `intervals` says what the intervals cover;
+  interval beside it (`accuracy_ci`: exact Clopper-Pearson for the
+  proportions, bootstrap for the rest, `interval_methods`); per-class values
+  keyed by class name; the confusion matrix {true: {predicted: count}}; ROC
+  AUC; the expected calibration error with its interval and the ECE of a
+  perfectly calibrated model (`ece_calibrated`); and under `argmax` the same
+  decision metrics at the argmax (0.5), a secondary view. With several
+  seeds: the mean over seeds, `_sd` across seeds, and each seed's own report
+  under `per_seed`; `intervals` says what the intervals cover;
 - `predictions.csv`: per seed and test image, each checkpoint's class
   probabilities (exact: they read back bit for bit), its argmax
   (`<which>_predicted`), its operating threshold and its decision there
@@ -55,6 +58,7 @@ from cxrlab import paths
 from cxrlab.config.load import Params
 from cxrlab.data.datasets import Split, eval_batch_size, prepared_image_size
 from cxrlab.errors import UserError
+from cxrlab.evaluation import stats
 from cxrlab.evaluation.folds import ScoringData, describe, fold_loaders, fold_report, pool_out_of_fold, scoring_data
 from cxrlab.evaluation.metrics import decide
 from cxrlab.evaluation.scoring import (
@@ -186,11 +190,14 @@ def report_and_write(title: str, out: Path, header: dict, seeds: list[Hashable],
     runs = [f"seed_{s}" for s in seeds]
     kind = interval_kind(len(seeds), st)
     report: dict = {**header,
-                    "method": (f"{st.ci_level:.0%} intervals: percentile bootstrap, {st.resamples} resamples; "
+                    "method": (f"{st.ci_level:.0%} intervals: exact (Clopper-Pearson) for accuracy, sensitivity, "
+                               "specificity and precision; percentile bootstrap, "
+                               f"{st.resamples} resamples, for F1, ROC AUC, macro averages and ECE; "
                                "headline metrics at each run's operating threshold (`decision`), the argmax "
                                "(0.5) where there is none; `argmax`: at the argmax"
                                + (f", the mean over {len(seeds)} seeds" if len(seeds) > 1 else "")),
-                    "intervals": INTERVALS[kind]}
+                    "intervals": INTERVALS[kind], "interval_kind": kind,
+                    "interval_methods": stats.interval_methods(kind == "seeds+test")}
     if st.resample_seeds and kind == "test":
         report["intervals_note"] = (f"stats.resample_seeds needs >= {MIN_SEEDS_TO_RESAMPLE} seeds; "
                                     f"with {len(seeds)} the intervals cover test sampling only")
@@ -279,5 +286,5 @@ def headline_line(title: str, m: dict, positive: str) -> str:
             f"sensitivity {m['sensitivity']:.4f}, specificity {m['specificity']:.4f}, ROC AUC {auc}, "
             f"ECE {m['ece']:.4f}")
     if op and op.get("thresholds") and op.get("target"):
-        line += f"; {op['target']['name']} {'met' if op['meets_target'] else 'not met'}"
+        line += f"; {op['target']['name']}: {op.get('verdict', 'n/a')} (read on the exact intervals)"
     return line

@@ -78,13 +78,16 @@ def metrics_table(variant: str, params: Params) -> str | None:
     if at_threshold and op.get("target"):
         t = op["target"]
         lines.append(f"| {t['name']} (sensitivity >= {t['sensitivity']}, specificity >= "
-                     f"{t['specificity']}) | {'met' if op['meets_target'] else 'not met'} | |")
+                     f"{t['specificity']}) | {op.get('verdict', 'n/a')} | read on the intervals: met when "
+                     "both lower bounds reach the target, not met when an upper bound is below it |")
     argmax = best.get("argmax")
     if at_threshold and argmax:
         lines.append(f"| *At the argmax (0.5), for reference:* accuracy, sensitivity, specificity | "
                      f"{_value(argmax['accuracy'])}, {_value(argmax['sensitivity'])}, "
                      f"{_value(argmax['specificity'])} | |")
-    return "\n".join(lines) + f"\n\nIntervals cover {report.get('intervals', 'test sampling')}."
+    return "\n".join(lines) + (f"\n\nIntervals cover {report.get('intervals', 'test sampling')}; exact "
+                               "(Clopper-Pearson) for accuracy, sensitivity, specificity and precision, "
+                               "percentile bootstrap for F1 and ROC AUC.")
 
 
 def command(address: str, port: int) -> list[str]:
