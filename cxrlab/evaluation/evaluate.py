@@ -2,9 +2,10 @@
 
 Writes to `metrics/evaluate/<variant>/`:
 - `metrics.json`: `{<variant>: headline}`, the numbers of the best checkpoint
-  for `dvc exp show` (`scoring.HEADLINE`: accuracy, F1, sensitivity, specificity, ROC AUC,
-  ECE, the operating point's test sensitivity and specificity, and the 95 %
-  bounds of F1, ROC AUC and the operating sensitivity); numbers only;
+  for `dvc exp show` (`scoring.HEADLINE`: accuracy, F1, sensitivity, specificity at
+  the operating threshold (the argmax without one), ROC AUC, ECE, the 95 %
+  bounds of F1 and ROC AUC, the lower bound of sensitivity, and the threshold);
+  numbers only;
 - `report.json`: everything: for `best` (the epoch chosen on validation) and `last`,
   `operating_point`: the threshold chosen on validation for
   `evaluate.target_sensitivity` by `evaluate.threshold_rule` (each seed's
