@@ -27,12 +27,13 @@ EXPLANATIONS = Path("explanations")  # explain: <variant>/gallery.png, gallery.c
 TRAIN_STATE = Path(".train-state")  # train: runs in progress (not a DVC output)
 
 
-def served_checkpoint(variant: str, seed: int, which: str) -> Path:
-    """The one checkpoint predict, the page and explain load: the seed's, or with data.folds fold 0's
-    (they say so: a single fold model, not the mean of the k that evaluate scores)."""
+def served_checkpoints(variant: str, seed: int, which: str) -> list[Path]:
+    """The checkpoints predict, the page and explain load: the seed's one, or with data.folds each fold's
+    (their mean probability is the model, as evaluate scores it)."""
     path = checkpoint(variant, seed, which)
-    fold_0 = checkpoint(variant, seed, which, 0)
-    return fold_0 if not path.is_file() and fold_0.is_file() else path
+    folds = sorted((MODELS / variant / f"seed_{seed}").glob(f"fold_*/{which}.pt"),
+                   key=lambda p: int(p.parent.name.split("_")[1]))
+    return folds if not path.is_file() and folds else [path]
 
 
 def model_dir(variant: str) -> Path:

@@ -7,9 +7,11 @@ PATHS are image files or folders (searched recursively for images). Each
 image is decoded and resized exactly as the preprocess stage does
 (`load_rgb`) and normalised with the checkpoint's own mean and std, so a test
 image gets the probabilities evaluate reported for it. With `--variant`,
-the best checkpoint of a binary task is decided at the operating threshold
-evaluate chose on validation (`metrics/evaluate/<variant>/metrics.json`); a
-last checkpoint, a `--checkpoint` or a task without one is decided by the
+the model is evaluate's: the seed's checkpoint, or with `data.folds` the mean
+of its fold models' probabilities; a binary task's best or last checkpoint
+is decided at the operating threshold evaluate chose on validation for it
+(`metrics/evaluate/<variant>/report.json`), the rule behind every reported
+metric; a `--checkpoint`, or a task without a threshold, is decided by the
 highest probability. Unreadable files, and images outside the size limits
 of params.yaml (`data.max_image_pixels`, `data.min_image_side`, so run it from
 the project root), are reported and skipped. The table goes to stdout;
