@@ -7,6 +7,7 @@ variants is `cxrlab.config.load`; the wording of errors is `cxrlab.config.errors
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -50,7 +51,27 @@ AUGMENTATIONS = (
 )
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: YAML's .nan and .inf are refused in every float of every section
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+NAME_MAX = 255  # bytes in one file name on ext4, XFS, btrfs, APFS and NTFS (in UTF-16 units there)
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot be one folder's name inside the project (a class name becomes
+    data/dataset/<split>/<name>), or None: a path separator or `..` would write outside it."""
+    if not name.strip():
+        return "is empty"
+    if "/" in name or "\\" in name:
+        return "holds a path separator (/ or \\)"
+    if name in (".", ".."):
+        return f"is {name!r}, which names a folder, not a new one"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "holds a control character"
+    if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
+        return f"is longer than a file name can be ({NAME_MAX} bytes)"
+    return None
 
 
 def _count_or_auto(value: Union[int, str], info: ValidationInfo) -> Union[int, str]:
@@ -94,6 +115,10 @@ class DataParams(_Section):
         for name, folder in spec.items():
             if not str(folder).strip("/"):
                 raise ValueError(f"class {name!r} has an empty folder name")
+            named = [("class", name)] if isinstance(classes, dict) else []
+            for kind, part in named + [("folder", part) for part in str(folder).strip("/").split("/")]:
+                if why := name_problem(part):
+                    raise ValueError(f"{kind} name {part!r} {why}; use a plain folder name, e.g. TB")
         folders = [f.strip("/") for f in spec.values()]
         if len(set(folders)) != len(folders):
             raise ValueError("two classes point at the same folder")
@@ -244,7 +269,11 @@ class TrainParams(_Section):
     @field_validator("augment")
     @classmethod
     def _known_augmentations(cls, augment: dict) -> dict:
-        for name in augment:
+        for name, kwargs in augment.items():
+            try:  # JSON has no nan or inf: a quick check of every number, however deeply nested
+                json.dumps(kwargs, allow_nan=False, default=str)
+            except ValueError:
+                raise ValueError(f"{name}: every number must be finite, not nan or inf") from None
             if name not in AUGMENTATIONS:
                 raise ValueError(f"unknown augmentation {name!r}{did_you_mean(name, AUGMENTATIONS)}; "
                                  f"use a torchvision.transforms.v2 name: {', '.join(AUGMENTATIONS)}")
