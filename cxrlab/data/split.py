@@ -24,13 +24,14 @@ from __future__ import annotations
 import math
 import os
 from decimal import Decimal
+from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
 from cxrlab import paths
 from cxrlab.config.schema import DataParams
-from cxrlab.data.images import check_images
+from cxrlab.data.images import IMAGE_SUFFIXES, check_images
 from cxrlab.data.layout import ClassFolder, find_class_folders, list_class
 from cxrlab.errors import UserError
 from cxrlab.io.fsio import atomic_dir, check_writable, write_json
@@ -166,6 +167,7 @@ def split_dataset(data: DataParams) -> None:
                           data.min_image_side)
     test_rows, train_rows = [], []
     report: dict = {"classes": {}, "ignored_files": 0, "bad_images": len(bad), "bad_image_files": bad}
+    ignored: dict[str, int] = {}  # files in class folders that are not images, by suffix
     for cls in classes:
         name, folder = cls.name, cls.folder
         if data.max_per_class:
@@ -176,8 +178,14 @@ def split_dataset(data: DataParams) -> None:
         train_rows += train
         report["classes"][name] = {"folder": folder.relative_to(paths.RAW).as_posix(), **entry}
         report["ignored_files"] += len(cls.ignored)
-        if cls.ignored:
-            print(f"split: {name}: ignored {len(cls.ignored)} non-image files, e.g. {cls.ignored[0]!r}")
+        for file in cls.ignored:
+            suffix = "hidden" if file.startswith(".") else (Path(file).suffix.lower() or "no suffix")
+            ignored[suffix] = ignored.get(suffix, 0) + 1
+    report["ignored_by_suffix"] = dict(sorted(ignored.items(), key=lambda kv: (-kv[1], kv[0])))
+    if ignored:  # said once: a .dcm or .gif left out silently would look like a missing image
+        print(f"split: ignored {report['ignored_files']} files in the class folders that are not read as images ("
+              + ", ".join(f"{k} {n}" for k, n in report["ignored_by_suffix"].items())
+              + f"); read are {', '.join(sorted(IMAGE_SUFFIXES))}")
 
     report["total"] = {
         "test": len(test_rows),

@@ -56,7 +56,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
                 terms = {"cross_entropy": loss_fn(logits, y)}
             loss = total(terms)
             if not torch.isfinite(loss):  # one sync per step, small next to the step: a NaN must stop the run now
-                raise UserError(diverged(desc, float(loss), step, steps, optimizer.param_groups[0]["lr"]))
+                raise UserError(diverged(desc, loss.item(), step, steps, optimizer.param_groups[0]["lr"]))
             scaled = loss / accumulate_steps
             (rt.scaler.scale(scaled) if rt.scaler else scaled).backward()
         if boundary:
