@@ -206,7 +206,7 @@ def open_image(source: str | Path | IO[bytes], max_pixels: int,
         stack.callback(setattr, Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
         Image.MAX_IMAGE_PIXELS = max_pixels
         fp = source if hasattr(source, "read") else stack.enter_context(open(source, "rb"))
-        fmt = sniff_format(fp)
+        fmt = sniff_format(fp)  # the dispatch, by content: a reader of another kind (DICOM) is a branch here
         if fmt not in PILLOW_FORMATS:
             raise (UnreadableImage if fmt is None else ImageRefused)(refusal(fmt))
         bits = png_significant_bits(fp)
@@ -242,7 +242,8 @@ def png16_colour(fp: IO[bytes]) -> bool:
     start = fp.tell()
     head = fp.read(26)
     fp.seek(start)
-    return head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and head[24] == 16 and head[25] in (2, 4, 6)
+    return (len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR"
+            and head[24] == 16 and head[25] in (2, 4, 6))
 
 
 def read_png16(data: bytes, significant_bits: int | None) -> Image.Image:
