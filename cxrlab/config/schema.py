@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from cxrlab.config.errors import did_you_mean
+from cxrlab.config.names import classes_problem
 from cxrlab.model.architectures import ARCHITECTURES
 
 # torchvision.transforms.v2 classes usable as training augmentations: they
@@ -55,31 +56,32 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-NAME_MAX = 255  # bytes in one file name on ext4, XFS, btrfs, APFS and NTFS (in UTF-16 units there)
-
-
-def name_problem(name: str) -> str | None:
-    """Why `name` cannot be one folder's name inside the project (a class name becomes
-    data/dataset/<split>/<name>), or None: a path separator or `..` would write outside it."""
-    if not name.strip():
-        return "is empty"
-    if "/" in name or "\\" in name:
-        return "holds a path separator (/ or \\)"
-    if name in (".", ".."):
-        return f"is {name!r}, which names a folder, not a new one"
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        return "holds a control character"
-    if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
-        return f"is longer than a file name can be ({NAME_MAX} bytes)"
-    return None
-
-
 def _count_or_auto(value: Union[int, str], info: ValidationInfo) -> Union[int, str]:
     """A field validator: an int at least the field's minimum, or 'auto'."""
     least = {"num_workers": 0, "processes": 1, "batch_size": 1}[info.field_name]
     if isinstance(value, int) and value < least:
         raise ValueError(f"{info.field_name} must be >= {least} or 'auto'")
     return value
+
+
+def parse_group_by(spec: str) -> tuple[str, list[str]]:
+    """`data.group_by` (cxrlab.data.groups): ('regex', [pattern]) or ('csv', [file, image column,
+    group column]); a ValueError naming the fix."""
+    kind, _, rest = spec.partition(":")
+    if kind == "regex":
+        try:
+            re.compile(rest)
+        except re.error as e:
+            raise ValueError(f"{rest!r} is not a regular expression ({e})") from None
+        if not rest:
+            raise ValueError("regex: needs a pattern, e.g. 'regex:^([A-Z]+)_'")
+        return kind, [rest]
+    if kind == "csv":
+        parts = rest.split(":")
+        if len(parts) != 3 or not all(parts):
+            raise ValueError("csv: needs csv:<file under the download>:<image column>:<group column>")
+        return kind, parts
+    raise ValueError("give regex:<pattern> or csv:<file>:<image column>:<group column> (or null: no groups)")
 
 
 class DataParams(_Section):
@@ -90,6 +92,8 @@ class DataParams(_Section):
     classes: Union[dict[str, str], list[str], Literal["auto"]]
     positive_class: str
     max_per_class: Optional[int] = Field(gt=0)
+    split: Literal["by_id", "random", "grouped"]
+    group_by: Optional[str]
     test_fraction: float = Field(gt=0, lt=1)
     val_fraction: float = Field(ge=0, lt=1)
     folds: Optional[int] = Field(ge=2, le=100)
@@ -105,24 +109,23 @@ class DataParams(_Section):
     @field_validator("classes")
     @classmethod
     def _folders_distinct(cls, classes: Union[dict[str, str], list[str], str]):
-        if classes == "auto":
-            return classes
-        if len(classes) < 2:
-            raise ValueError("name at least two classes, or use auto")
-        if isinstance(classes, list) and len({Path(str(f).strip("/")).name for f in classes}) != len(classes):
-            raise ValueError("two folders of the list have the same name; use {class: folder} to name them")
-        spec = classes if isinstance(classes, dict) else {str(f).strip("/"): f for f in classes}
-        for name, folder in spec.items():
-            if not str(folder).strip("/"):
-                raise ValueError(f"class {name!r} has an empty folder name")
-            named = [("class", name)] if isinstance(classes, dict) else []
-            for kind, part in named + [("folder", part) for part in str(folder).strip("/").split("/")]:
-                if why := name_problem(part):
-                    raise ValueError(f"{kind} name {part!r} {why}; use a plain folder name, e.g. TB")
-        folders = [f.strip("/") for f in spec.values()]
-        if len(set(folders)) != len(folders):
-            raise ValueError("two classes point at the same folder")
+        if classes != "auto" and (why := classes_problem(classes)):
+            raise ValueError(why)
         return classes
+
+    @field_validator("group_by")
+    @classmethod
+    def _group_by_parses(cls, spec: Optional[str]) -> Optional[str]:
+        if spec is not None:
+            parse_group_by(spec)  # its ValueError names the fix
+        return spec
+
+    @model_validator(mode="after")
+    def _grouped_needs_groups(self) -> "DataParams":
+        if self.split == "grouped" and not self.group_by:
+            raise ValueError("split: grouped needs data.group_by (regex:<pattern> or csv:<file>:<image column>:"
+                             "<group column>) naming each image's patient or source")
+        return self
 
     @field_validator("std")
     @classmethod
@@ -333,6 +336,7 @@ class EvaluateParams(_Section):
     batch_size: Union[int, Literal["auto"]]
     # < 1: no threshold chosen on a finite validation set can promise a sensitivity of 1 on new images
     target_sensitivity: float = Field(gt=0, lt=1)
+    threshold_rule: Literal["expected", "tolerance"]
     screening: Optional[ScreeningParams]
     calibration_bins: int = Field(ge=2, le=100)
 

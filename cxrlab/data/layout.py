@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cxrlab.config.schema import name_problem
+from cxrlab.config.names import name_problem
 from cxrlab.data.images import is_image_name, natural_key
 from cxrlab.errors import UserError
 
