@@ -199,3 +199,4 @@ def test_every_image_is_opened_by_the_one_decoder():
     opened = sorted(str(p.relative_to(ROOT)) for folder in ("cxrlab", "stages", "app")
                     for p in (ROOT / folder).rglob("*.py") if "Image.open(" in p.read_text())
     assert opened == ["cxrlab/data/images.py"]
+
