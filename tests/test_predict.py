@@ -71,6 +71,8 @@ def test_grayscale_16_bit_and_rgb_agree_and_bad_files_are_skipped(trained_projec
     (["--variant", "baseline", "no/such/folder"], "no/such/folder does not exist"),
     (["--variant", "baseline", "metrics/train"], "no images found in metrics/train"),
     (["--variant", "baseline", "data/dataset/test", "--out", "preds.txt"], "write .csv or .json"),
+    (["--variant", "", "data/dataset/test"], "unknown variant ''; params.yaml defines experiments: baseline"),
+    (["--variant", "baseline", "--device", "banana", "data/dataset/test"], "unknown device 'banana' (--device"),
 ])
 def test_user_mistakes_name_the_fix(trained_project, monkeypatch, args, message):
     monkeypatch.chdir(trained_project)

@@ -29,9 +29,9 @@ from cxrlab.config.load import load_params
 from cxrlab.errors import UserError, run_stage
 from cxrlab.io.fsio import check_writable
 from cxrlab.serving.predict import (
-    decode_all,
     image_files,
     load_predictor,
+    predict_files,
     variant_predictor,
     write_output,
 )
@@ -58,18 +58,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_writable(args.out)
     data = load_params().data
 
-    if args.variant:
+    if args.variant is not None:  # `--variant ""` too: an unknown variant, named
         predictor = variant_predictor(args.variant, args.seed, args.which, args.device)
     else:
         predictor = load_predictor(args.checkpoint, device=args.device)
     files = image_files(args.paths)
-    images, kept, skipped = decode_all(files, predictor.image_size, data.max_image_pixels, data.min_image_side)
-    for path, why in skipped:
-        print(f"skipped {path}: {why}", file=sys.stderr)
+    # streamed: a batch at a time is decoded and scored, so a folder of 50,000 images fits in memory
+    kept, probs, skipped = predict_files(predictor, files, data.max_image_pixels, data.min_image_side,
+                                         on_skip=lambda path, why: print(f"skipped {path}: {why}", file=sys.stderr))
     if not kept:
         raise UserError(f"none of the {len(files)} files could be read as an image (reasons above)")
 
-    probs = predictor.probabilities(images)
     decisions = predictor.decisions(probs)
     classes = predictor.classes
     print(f"predict: {predictor.path} ({predictor.ckpt['arch']}, {predictor.image_size} px), "

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cxrlab.config.names import name_problem
 from cxrlab.data.images import is_image_name, natural_key
 from cxrlab.errors import UserError
 
@@ -76,6 +77,10 @@ def find_all_class_folders(root: Path) -> dict[str, Path]:
             f"({_preview(holding)}); a classifier needs at least two class folders. "
             "Point data.source at a folder with one subfolder per class"
         )
+    for name, hits in by_name.items():
+        if why := name_problem(name):
+            raise UserError(f"data.classes: auto: the class folder {str(root / hits[0])!r} cannot be a class: its "
+                            f"name {why}; rename the folder, or name the classes in data.classes")
     names = sorted(by_name, key=lambda n: (natural_key(n), n))
     return {name: root / by_name[name][0] for name in names}
 

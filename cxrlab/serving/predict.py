@@ -17,6 +17,7 @@ from typing import IO, Sequence
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from cxrlab import paths
 from cxrlab.config.load import load_params
@@ -179,26 +180,46 @@ def decode(source: str | Path | IO[bytes], size: int, max_pixels: int, min_side:
     (`max_pixels`, `min_side`: params.yaml's data.max_image_pixels and data.min_image_side)."""
     try:
         return load_rgb(source, size, max_pixels, min_side)
-    except ImageRefused as err:  # too large (a decompression bomb) or too small, by its header
+    except ImageRefused as err:  # another format, several frames, too large (a bomb) or too small, by its header
         return f"refused: {err}"
-    except (OSError, ValueError) as err:  # not an image, truncated
+    except (OSError, ValueError) as err:  # not an image, truncated, any decoder failure (UnreadableImage)
         why = str(err).replace(repr(source), "").replace(repr(str(source)), "").strip() or type(err).__name__
         return f"not a readable image ({why})"
 
 
-def decode_all(files: list[Path], size: int, max_pixels: int,
-               min_side: int) -> tuple[np.ndarray, list[Path], list[tuple[Path, str]]]:
-    """(images, their files, [(skipped file, why)])."""
-    images, kept, skipped = [], [], []
-    for path in files:
-        result = decode(path, size, max_pixels, min_side)
+def predict_files(predictor: Predictor, files: list[Path], max_pixels: int, min_side: int,
+                  batch_size: int = BATCH_SIZE, on_skip=None) -> tuple[list[Path], np.ndarray, list[tuple[Path, str]]]:
+    """(the files read, their class probabilities (N x k), [(skipped file, why)]), streamed:
+    `batch_size` images are decoded, scored and let go at a time, so memory stays flat however many
+    files there are (only the probabilities, k floats per image, are kept). `on_skip(path, why)` is
+    called as each unreadable file is met."""
+    kept: list[Path] = []
+    probs: list[np.ndarray] = []
+    skipped: list[tuple[Path, str]] = []
+    batch: list[np.ndarray] = []
+    batch_files: list[Path] = []
+
+    def flush() -> None:
+        if batch:
+            probs.append(predictor.probabilities(np.stack(batch), batch_size))
+            kept.extend(batch_files)
+            batch.clear()
+            batch_files.clear()
+
+    for path in tqdm(files, desc="predict", unit="img", leave=False, disable=None, mininterval=1):
+        result = decode(path, predictor.image_size, max_pixels, min_side)
         if isinstance(result, str):
             skipped.append((path, result))
-        else:
-            images.append(result)
-            kept.append(path)
-    array = np.stack(images) if images else np.zeros((0, 3, size, size), dtype=np.uint8)
-    return array, kept, skipped
+            if on_skip is not None:
+                on_skip(path, result)
+            continue
+        batch.append(result)
+        batch_files.append(path)
+        if len(batch) == batch_size:
+            flush()
+    flush()
+    k = len(predictor.classes)
+    return kept, (np.concatenate(probs) if probs else np.zeros((0, k), dtype=np.float32)), skipped
 
 
 def write_output(out: Path, predictor: Predictor, files: list[Path], probs: np.ndarray, decisions: list[str],

@@ -66,7 +66,12 @@ def pick_device(spec: str, local_rank: int = 0) -> torch.device:
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError:  # torch's own message is a traceback-worthy "Expected one of cpu, cuda, ..." list
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown device {spec!r} (--device or runtime.device); use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"runtime.device is {spec!r} but no CUDA GPU is visible; set runtime.device: auto or cpu")
