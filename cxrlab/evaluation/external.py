@@ -32,7 +32,7 @@ from sklearn.metrics import roc_curve
 
 from cxrlab import paths
 from cxrlab.config.load import Params
-from cxrlab.data.datasets import LoaderSettings, ImageArrayDataset, eval_batch_size, load_split, make_loader
+from cxrlab.data.datasets import ImageArrayDataset, LoaderSettings, eval_batch_size, load_split, make_loader
 from cxrlab.errors import UserError
 from cxrlab.evaluation import stats
 from cxrlab.evaluation.ensemble import combine

@@ -79,7 +79,7 @@ def operating_lines(op: dict | None) -> list[str]:
     if not op.get("thresholds"):
         return [f"No operating threshold: {op.get('message', '')}"]
     test, val = op["test"], op["validation"]
-    lines = [f"- Threshold(s) on p(positive), chosen on internal validation: "
+    lines = ["- Threshold(s) on p(positive), chosen on internal validation: "
              + ", ".join(f"{run} {num(t)}" for run, t in op["thresholds"].items()),
              f"- Validation positives: {num(op['validation_positives'])}; validation sensitivity "
              f"{num(val['sensitivity'])}{interval(val.get('sensitivity_ci'))}",
