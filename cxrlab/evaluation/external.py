@@ -25,6 +25,7 @@ predictions.csv, calibration.csv, DVCLive's plots), and
 from __future__ import annotations
 
 import csv
+import math
 from collections.abc import Hashable
 
 import numpy as np
@@ -173,9 +174,10 @@ def evaluate_external(model: str, set_name: str, params: Params) -> None:
     for key, where, name in (("roc_auc_drop", "argmax", "roc_auc"),
                              ("op_sensitivity_drop", "operating_point", "sensitivity")):
         d = diffs.get(where, {}).get(name)
-        if d and d["difference"] is not None:
+        if d:
             top.update({key: d["difference"], f"{key}_low": d["low"], f"{key}_high": d["high"]})
-    write_json(out / "metrics.json", {set_name: {model: {k: v for k, v in top.items() if v is not None}}})
+    numbers = {k: v for k, v in top.items() if isinstance(v, (int, float)) and math.isfinite(v)}  # numbers only
+    write_json(out / "metrics.json", {set_name: {model: numbers}})
     write_roc(out / "roc.csv", y_int, internal["best"][str(seeds[0])], ext.labels, probs["best"][seeds[0]],
               pos, set_name)
 
