@@ -83,3 +83,18 @@ def eval_dir(variant: str) -> Path:
 def explain_dir(variant: str) -> Path:
     """A variant's Grad-CAM gallery over test images: gallery.png and gallery.csv."""
     return EXPLANATIONS / variant
+
+
+EXTERNAL_DATA = DATA / "external"  # external_data@<set>: images.npy, images.csv, meta.json
+EXTERNAL = METRICS / "external"  # external@<model>-<set>: <set>/<model>/ as evaluate's, plus roc.csv
+CARDS = Path("cards")  # card@<variant>: <variant>.md
+
+
+def external_data(name: str) -> Path:
+    """An external test set, preprocessed like the internal one (never split)."""
+    return EXTERNAL_DATA / name
+
+
+def external_dir(name: str, model: str) -> Path:
+    """A model's (variant's or ensemble's) results on external set `name`."""
+    return EXTERNAL / name / model

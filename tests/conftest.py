@@ -150,7 +150,7 @@ def prepared_project(root: Path, n_per_class: int = 20, **changes) -> Path:
 def run_pipeline(project: Path, monkeypatch, explain: bool = False) -> dict:
     """Every stage of dvc.yaml (explain only if asked), in order, in this process, in `project`; returns the
     params used. Spares a Python and torch start per stage; DVC's own run is the quick start's (`reproduced`)."""
-    from stages import compare, download, ensemble, evaluate, flops, plots, prepare, preprocess, split, train
+    from stages import card, compare, download, ensemble, evaluate, flops, plots, prepare, preprocess, split, train
     from stages import explain as explain_stage
 
     monkeypatch.chdir(project)
@@ -160,6 +160,7 @@ def run_pipeline(project: Path, monkeypatch, explain: bool = False) -> dict:
     steps += [(stage.main, [v]) for v in params["experiments"] for stage in per_variant]
     steps += [(ensemble.main, [name]) for name in params["ensembles"]]
     steps += [(stage.main, []) for stage in (compare, flops, plots)]
+    steps += [(card.main, [v]) for v in params["experiments"]]
     for main, args in steps:
         started = time.perf_counter()
         main(args)
