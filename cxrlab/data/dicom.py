@@ -32,10 +32,12 @@ quote header values, are silenced while a file is read.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 import warnings
 from pathlib import Path
-from typing import IO
+from typing import IO, Iterator
 
 import numpy as np
 from PIL import Image
@@ -146,6 +148,24 @@ def to_gray8(stored: np.ndarray, ds) -> np.ndarray:
     return x.astype(np.uint8)
 
 
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence pydicom while a file is read: its warnings and log records quote header values
+    ("Invalid value for VR DA: '<a birth date>'"), and a host that configures logging (Streamlit) prints them."""
+    import pydicom
+
+    log = logging.getLogger("pydicom")
+    settings = pydicom.config.settings
+    before = log.disabled, settings.reading_validation_mode
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        log.disabled, settings.reading_validation_mode = True, pydicom.config.IGNORE
+        try:
+            yield
+        finally:
+            log.disabled, settings.reading_validation_mode = before
+
+
 def read_dicom(source: str | Path | IO[bytes], max_pixels: int, min_side: int) -> Image.Image:
     """The radiograph of a DICOM file as an 8-bit grey ("L") image; `DicomRefused` or `ImageRefused`
     (both `ValueError`) for what is not one or is outside the size limits, `ValueError` for a file
@@ -155,8 +175,7 @@ def read_dicom(source: str | Path | IO[bytes], max_pixels: int, min_side: int) -
 
     from cxrlab.data.images import ImageRefused
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pydicom's warnings may quote header values (names, dates)
+    with quiet():
         try:
             marked = has_preamble(source)
             ds = pydicom.dcmread(source, force=not marked)  # forced: a .dcm without the 128-byte preamble
