@@ -61,6 +61,16 @@ def test_runtime_knobs_rerun_nothing(reproduced):
         params.write_text(before)
 
 
+def test_a_forced_rerun_leaves_its_outputs_linked_to_the_cache(reproduced):
+    """`dvc repro -f` of a stage whose outputs are already in the cache links its new files to the cache
+    (.dvc/config: cache.type hardlink; with hardlink,copy DVC 3 keeps them as copies, treeverse/dvc#10549)."""
+    project, _ = reproduced
+    dvc("repro", "-f", "-s", "split", cwd=project)
+    files = list((project / "data" / "split").iterdir())  # a directory output, the case DVC left as copies
+    assert files and all(f.stat().st_nlink == 2 for f in files), [(f.name, f.stat().st_nlink) for f in files]
+    assert "Data and pipelines are up to date" in dvc("status", cwd=project).stdout
+
+
 def test_metrics_are_complete_and_in_range(reproduced):
     project, _ = reproduced
     split = json.loads((project / "metrics/split_report.json").read_text())

@@ -4,7 +4,9 @@ Every image, whatever its mode (8- or 16-bit grayscale, palette, RGB, RGBA,
 CMYK), becomes an 8-bit RGB array resized to the training resolution with
 the same filter torchvision's `Resize` uses on PIL images (bilinear, with
 antialiasing). Preprocessing, prediction and the web page all go through
-`read_rgb` (`load_rgb`), so they see the same pixels.
+`read_rgb` (`load_rgb`), so they see the same pixels. DICOM files (`.dcm`,
+or the DICM marker) go to `cxrlab.data.dicom`, which gives the 8-bit grey
+image a PNG of the same values would.
 
 Before anything is decoded, the header's size is checked: more than
 `data.max_image_pixels` pixels is refused (a decompression bomb: a 140 KB
