@@ -125,10 +125,12 @@ def refused_files(folder) -> dict:
     report = dicom(folder / "report.dcm", None, modality="SR")
     no_pixels = dicom(folder / "nopixels.dcm", None, modality=None)
     ct = dicom(folder / "ct.dcm", stored, modality="CT")
+    odd = dicom(folder / "odd.dcm", stored, modality=CANARY)  # free text where a code belongs: not repeated
     (folder / "junk.dcm").write_bytes(b"not a dicom file " * 20)
     return {mpeg: "MPEG2 Main Profile / Main Level (1.2.840.10008.1.2.4.100), which no installed pixel decoder",
             frames: "multi-frame DICOM (2 frames)", report: "modality SR, not a radiograph",
             no_pixels: "DICOM without an image (pixel data)", ct: "modality CT, not a radiograph",
+            odd: "DICOM of another modality, not a radiograph",
             folder / "junk.dcm": "not a DICOM file"}
 
 
