@@ -61,6 +61,26 @@ def _count_or_auto(value: Union[int, str], info: ValidationInfo) -> Union[int, s
     return value
 
 
+def parse_group_by(spec: str) -> tuple[str, list[str]]:
+    """`data.group_by` (cxrlab.data.groups): ('regex', [pattern]) or ('csv', [file, image column,
+    group column]); a ValueError naming the fix."""
+    kind, _, rest = spec.partition(":")
+    if kind == "regex":
+        try:
+            re.compile(rest)
+        except re.error as e:
+            raise ValueError(f"{rest!r} is not a regular expression ({e})") from None
+        if not rest:
+            raise ValueError("regex: needs a pattern, e.g. 'regex:^([A-Z]+)_'")
+        return kind, [rest]
+    if kind == "csv":
+        parts = rest.split(":")
+        if len(parts) != 3 or not all(parts):
+            raise ValueError("csv: needs csv:<file under the download>:<image column>:<group column>")
+        return kind, parts
+    raise ValueError("give regex:<pattern> or csv:<file>:<image column>:<group column> (or null: no groups)")
+
+
 class DataParams(_Section):
     source: str = Field(min_length=1)
     sha256: Optional[str] = Field(pattern=r"^[0-9a-fA-F]{64}$")
@@ -69,6 +89,8 @@ class DataParams(_Section):
     classes: Union[dict[str, str], list[str], Literal["auto"]]
     positive_class: str
     max_per_class: Optional[int] = Field(gt=0)
+    split: Literal["by_id", "random", "grouped"]
+    group_by: Optional[str]
     test_fraction: float = Field(gt=0, lt=1)
     val_fraction: float = Field(ge=0, lt=1)
     folds: Optional[int] = Field(ge=2, le=100)
@@ -98,6 +120,20 @@ class DataParams(_Section):
         if len(set(folders)) != len(folders):
             raise ValueError("two classes point at the same folder")
         return classes
+
+    @field_validator("group_by")
+    @classmethod
+    def _group_by_parses(cls, spec: Optional[str]) -> Optional[str]:
+        if spec is not None:
+            parse_group_by(spec)  # its ValueError names the fix
+        return spec
+
+    @model_validator(mode="after")
+    def _grouped_needs_groups(self) -> "DataParams":
+        if self.split == "grouped" and not self.group_by:
+            raise ValueError("split: grouped needs data.group_by (regex:<pattern> or csv:<file>:<image column>:"
+                             "<group column>) naming each image's patient or source")
+        return self
 
     @field_validator("std")
     @classmethod
@@ -304,6 +340,7 @@ class EvaluateParams(_Section):
     batch_size: Union[int, Literal["auto"]]
     # < 1: no threshold chosen on a finite validation set can promise a sensitivity of 1 on new images
     target_sensitivity: float = Field(gt=0, lt=1)
+    threshold_rule: Literal["expected", "tolerance"]
     screening: Optional[ScreeningParams]
     calibration_bins: int = Field(ge=2, le=100)
 

@@ -8,12 +8,15 @@ Writes to `metrics/evaluate/<variant>/`:
 - `report.json`: everything: for `best` (the epoch chosen on validation) and `last`,
   at the argmax (0.5) decision: accuracy, the positive class's F1,
   sensitivity, specificity and precision, ROC AUC, macro averages, each with
-  its bootstrap interval beside it (`accuracy_ci`); per-class values keyed by
+  its interval beside it (`accuracy_ci`: exact Clopper-Pearson for the
+  proportions, bootstrap for the rest, `interval_methods`); per-class values keyed by
   class name; the confusion matrix {true: {predicted: count}}; the expected
-  calibration error; and `operating_point`: the threshold chosen on
-  validation for `evaluate.target_sensitivity` (each seed's own), the test
-  sensitivity and specificity there (with intervals) and whether they meet
-  the screening target of `evaluate.screening`. With several seeds: the
+  calibration error with its interval and the ECE of a perfectly calibrated
+  model (`ece_calibrated`); and `operating_point`: the threshold chosen on
+  validation for `evaluate.target_sensitivity` by `evaluate.threshold_rule`
+  (each seed's own), the test sensitivity and specificity there (with
+  intervals) and the verdict on the screening target of `evaluate.screening`
+  (met / not met / inconclusive from the intervals). With several seeds: the
   mean over seeds, `_sd` across seeds, and each seed's own report under
   `per_seed`; `intervals` says what the intervals cover;
 - `predictions.csv`: per seed and test image, each checkpoint's class
@@ -51,6 +54,7 @@ from cxrlab import paths
 from cxrlab.config.load import Params
 from cxrlab.data.datasets import Split, eval_batch_size, prepared_image_size
 from cxrlab.errors import UserError
+from cxrlab.evaluation import stats
 from cxrlab.evaluation.folds import ScoringData, describe, fold_loaders, fold_report, pool_out_of_fold, scoring_data
 from cxrlab.evaluation.scoring import (
     INTERVALS,
@@ -181,10 +185,13 @@ def report_and_write(title: str, out: Path, header: dict, seeds: list[Hashable],
     runs = [f"seed_{s}" for s in seeds]
     kind = interval_kind(len(seeds), st)
     report: dict = {**header,
-                    "method": (f"{st.ci_level:.0%} intervals: percentile bootstrap, {st.resamples} resamples; "
+                    "method": (f"{st.ci_level:.0%} intervals: exact (Clopper-Pearson) for accuracy, sensitivity, "
+                               "specificity and precision; percentile bootstrap, "
+                               f"{st.resamples} resamples, for F1, ROC AUC, macro averages and ECE; "
                                "headline metrics at the argmax (0.5) decision"
                                + (f", the mean over {len(seeds)} seeds" if len(seeds) > 1 else "")),
-                    "intervals": INTERVALS[kind]}
+                    "intervals": INTERVALS[kind], "interval_kind": kind,
+                    "interval_methods": stats.interval_methods(kind == "seeds+test")}
     if st.resample_seeds and kind == "test":
         report["intervals_note"] = (f"stats.resample_seeds needs >= {MIN_SEEDS_TO_RESAMPLE} seeds; "
                                     f"with {len(seeds)} the intervals cover test sampling only")
@@ -273,5 +280,5 @@ def headline_line(title: str, m: dict, positive: str) -> str:
         line += (f"; at threshold {thresholds}: sensitivity {op['test']['sensitivity']:.4f}, "
                  f"specificity {op['test']['specificity']:.4f}")
         if op.get("target"):
-            line += f", {op['target']['name']} {'met' if op['meets_target'] else 'not met'}"
+            line += f", {op['target']['name']}: {op.get('verdict', 'n/a')} (read on the exact intervals)"
     return line

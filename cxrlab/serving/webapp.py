@@ -60,10 +60,13 @@ def metrics_table(variant: str, params: Params) -> str | None:
         if op.get("target"):
             t = op["target"]
             lines.append(f"| {t['name']} (sensitivity >= {t['sensitivity']}, specificity >= "
-                         f"{t['specificity']}) | {'met' if op['meets_target'] else 'not met'} | |")
+                         f"{t['specificity']}) | {op.get('verdict', 'n/a')} | read on the intervals: met when "
+                         "both lower bounds reach the target, not met when an upper bound is below it |")
     elif op:
         lines.append(f"| Operating threshold on p({positive}) | n/a | {op.get('message', '')} |")
-    return "\n".join(lines) + f"\n\nIntervals cover {report.get('intervals', 'test sampling')}."
+    return "\n".join(lines) + (f"\n\nIntervals cover {report.get('intervals', 'test sampling')}; exact "
+                               "(Clopper-Pearson) for accuracy, sensitivity, specificity and precision, "
+                               "percentile bootstrap for F1 and ROC AUC.")
 
 
 def command(address: str, port: int) -> list[str]:
