@@ -68,7 +68,7 @@ for upload in uploads or []:
     result = decode(io.BytesIO(upload.getvalue()), predictor.image_size, params.data.max_image_pixels,
                     params.data.min_image_side)
     if isinstance(result, str):
-        st.error(f"{upload.name}: {result}. Upload a PNG, JPEG or TIFF X-ray.")
+        st.error(f"{upload.name}: {result}. Upload a PNG, JPEG, TIFF or DICOM X-ray.")
     else:
         show_result(upload.name, result, predictor)
 

@@ -75,6 +75,13 @@ def train_state(variant: str, seed: int, fold: int | None = None) -> Path:
     return _fold(TRAIN_STATE / variant / f"seed_{seed}", fold)
 
 
+def finished_record(variant: str, seed: int, fold: int | None = None) -> Path:
+    """A run of an unfinished train stage that did complete: its summary and fingerprint, so that
+    `runtime.resume` keeps it rather than training it again. Removed when the stage completes."""
+    name = f"seed_{seed}" + (f"_fold_{fold}" if fold is not None else "")
+    return TRAIN_STATE / variant / "finished" / f"{name}.json"
+
+
 def eval_dir(variant: str) -> Path:
     """A variant's test results: metrics.json (headline), report.json, predictions.csv, plots/sklearn/*.json."""
     return METRICS / "evaluate" / variant

@@ -5,6 +5,7 @@ and the pipeline on real chest X-rays when ../shared/data/tb-cxr-mini is present
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 import sys
@@ -60,6 +61,19 @@ def test_runtime_knobs_rerun_nothing(reproduced):
         assert "Data and pipelines are up to date" in dvc("status", cwd=project).stdout
     finally:
         params.write_text(before)
+
+
+def test_a_forced_rerun_leaves_its_outputs_linked_to_the_cache(reproduced):
+    """`dvc repro -f` of a stage whose outputs are already in the cache links its new files to the cache
+    (.dvc/config: cache.type hardlink; with hardlink,copy DVC 3 keeps them as copies, treeverse/dvc#10549)."""
+    project, _ = reproduced
+    dvc("repro", "-f", "-s", "split", cwd=project)
+    files = list((project / "data" / "split").iterdir())  # a directory output, the case DVC left as copies
+    cache = project / ".dvc" / "cache" / "files" / "md5"
+    digests = {f: hashlib.md5(f.read_bytes()).hexdigest() for f in files}  # DVC's name for each in its cache
+    linked = {f.name: f.stat().st_ino == (cache / d[:2] / d[2:]).stat().st_ino for f, d in digests.items()}
+    assert linked and all(linked.values()), linked
+    assert "Data and pipelines are up to date" in dvc("status", cwd=project).stdout
 
 
 def test_metrics_are_complete_and_in_range(reproduced):

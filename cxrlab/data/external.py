@@ -27,7 +27,7 @@ import numpy as np
 from cxrlab import paths
 from cxrlab.config.load import Params
 from cxrlab.data.fetch import fetch, source_kind
-from cxrlab.data.images import check_images, is_image_name
+from cxrlab.data.images import check_images, is_image_file
 from cxrlab.data.layout import _walk, find_class_folders, list_class
 from cxrlab.data.preprocess import decode_all, is_grayscale
 from cxrlab.errors import UserError
@@ -67,7 +67,7 @@ def map_classes(root: Path, name: str, spec, classes: list[str], params: Params)
             return find_class_folders(root, {c: spec[c] for c in classes})
         except UserError as err:
             raise _renamed(err, name) from None
-    holding = [Path(d) for d, _, files in _walk(root) if any(map(is_image_name, files))]
+    holding = [Path(d) for d, _, files in _walk(root) if any(is_image_file(Path(d) / f) for f in files)]
     wanted = training_folder_names(params, classes)
     found: dict[str, Path] = {}
     for c in classes:

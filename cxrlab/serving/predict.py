@@ -24,7 +24,7 @@ from cxrlab.config.load import load_params
 from cxrlab.data.images import (
     IMAGE_SUFFIXES,
     ImageRefused,
-    is_image_name,
+    is_image_file,
     load_rgb,
     natural_key,
 )
@@ -162,7 +162,7 @@ def image_files(inputs: Sequence[str]) -> list[Path]:
     for name in inputs:
         path = Path(name)
         if path.is_dir():
-            found = [p for p in path.rglob("*") if p.is_file() and is_image_name(p.name)]
+            found = [p for p in path.rglob("*") if p.is_file() and is_image_file(p)]
             files += sorted(found, key=lambda p: (p.parent.as_posix(), natural_key(p.name)))
         elif path.is_file():
             files.append(path)

@@ -177,6 +177,15 @@ def wrap(model: torch.nn.Module, rt: Runtime, compile_model: bool) -> torch.nn.M
     return torch.compile(net) if compile_model else net
 
 
+def agree(value, rt: Runtime):
+    """Rank 0's `value` (any picklable object), given to every process."""
+    if not rt.distributed:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def agree_to_stop(stop: bool, rt: Runtime) -> bool:
     """Rank 0's decision, given to every process (all must leave the loop together)."""
     if not rt.distributed:
