@@ -24,6 +24,7 @@ COMPARISON_REPORT = METRICS / "comparison_report.json"
 COMPARISON_TABLE = METRICS / "comparison.md"
 PLOTS = Path("plots")
 EXPLANATIONS = Path("explanations")  # explain: <variant>/gallery.png, gallery.csv
+EXPORTS = Path("exports")  # export: <variant>/seed_<seed>.onnx + seed_<seed>.json (its contract)
 TRAIN_STATE = Path(".train-state")  # train: runs in progress (not a DVC output)
 
 
@@ -82,3 +83,8 @@ def eval_dir(variant: str) -> Path:
 def explain_dir(variant: str) -> Path:
     """A variant's Grad-CAM gallery over test images: gallery.png and gallery.csv."""
     return EXPLANATIONS / variant
+
+
+def export_dir(variant: str) -> Path:
+    """A variant's deployable models: seed_<seed>.onnx, each with its preprocessing contract seed_<seed>.json."""
+    return EXPORTS / variant

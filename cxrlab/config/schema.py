@@ -339,6 +339,11 @@ class ExplainParams(_Section):
     per_group: int = Field(ge=1, le=16)
 
 
+class ExportParams(_Section):
+    # 13: Softmax over one axis (older opsets flatten); 20: the TorchScript exporter's newest
+    opset: int = Field(ge=13, le=20)
+
+
 class _ParamsFile(_Section):
     data: DataParams
     train: dict[str, Any]
@@ -349,6 +354,7 @@ class _ParamsFile(_Section):
     compare: CompareParams
     ensembles: dict[str, EnsembleParams]
     explain: ExplainParams
+    export: ExportParams
 
     @model_validator(mode="after")
     def _reference_is_a_variant(self) -> "_ParamsFile":

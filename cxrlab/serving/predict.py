@@ -54,6 +54,10 @@ class Predictor:
         return int(self.ckpt["image_size"])
 
     @property
+    def summary(self) -> str:
+        return f"{self.ckpt['arch']}, {self.image_size} px"
+
+    @property
     def fold_note(self) -> str | None:
         """With data.folds, what this one model is: serving loads a single fold's model, not the k-model mean."""
         fold = self.ckpt.get("fold")
