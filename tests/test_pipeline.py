@@ -26,13 +26,14 @@ def ran_stages(output: str) -> set[str]:
 def test_repro_runs_every_stage_and_writes_every_output(reproduced):
     project, output = reproduced
     expected = {"download", "split", "prepare", "preprocess", "compare", "flops", "plots"}
-    expected |= {f"{s}@{v}" for s in ("train", "evaluate", "explain") for v in VARIANTS} | {f"ensemble@{ENSEMBLE}"}
+    expected |= {f"{s}@{v}" for s in ("train", "evaluate", "explain", "export") for v in VARIANTS}
+    expected |= {f"ensemble@{ENSEMBLE}"}
     assert ran_stages(output) == expected
 
     outputs = declared_outputs(project)
-    # download 1, split 3, prepare 1, preprocess 1, train 4, evaluate 8 and explain 2 per variant,
-    # ensemble 8, compare 3, flops 2, plots 1
-    assert len(outputs) == 6 + 5 * (4 + 8 + 2) + 8 + 6
+    # download 1, split 3, prepare 1, preprocess 1, train 4, evaluate 8, explain 2 and export 1 per
+    # variant, ensemble 8, compare 3, flops 2, plots 1
+    assert len(outputs) == 6 + 5 * (4 + 8 + 2 + 1) + 8 + 6
     for path in outputs:
         assert path.exists(), path
     for v in VARIANTS:
