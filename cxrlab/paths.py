@@ -24,6 +24,7 @@ COMPARISON_REPORT = METRICS / "comparison_report.json"
 COMPARISON_TABLE = METRICS / "comparison.md"
 PLOTS = Path("plots")
 EXPLANATIONS = Path("explanations")  # explain: <variant>/gallery.png, gallery.csv
+EXPORTS = Path("exports")  # export: <variant>/seed_<seed>.onnx + seed_<seed>.json (its contract)
 TRAIN_STATE = Path(".train-state")  # train: runs in progress (not a DVC output)
 
 
@@ -105,3 +106,6 @@ def external_data(name: str) -> Path:
 def external_dir(name: str, model: str) -> Path:
     """A model's (variant's or ensemble's) results on external set `name`."""
     return EXTERNAL / name / model
+def export_dir(variant: str) -> Path:
+    """A variant's deployable models: seed_<seed>.onnx, each with its preprocessing contract seed_<seed>.json."""
+    return EXPORTS / variant

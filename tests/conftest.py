@@ -148,14 +148,16 @@ def prepared_project(root: Path, n_per_class: int = 20, **changes) -> Path:
 
 
 def run_pipeline(project: Path, monkeypatch, explain: bool = False) -> dict:
-    """Every stage of dvc.yaml (explain only if asked), in order, in this process, in `project`; returns the
-    params used. Spares a Python and torch start per stage; DVC's own run is the quick start's (`reproduced`)."""
+    """Every stage of dvc.yaml (explain and export only if asked), in order, in this process, in `project`;
+    returns the params used. Spares a Python and torch start per stage; DVC's own run is the quick start's
+    (`reproduced`)."""
     from stages import card, compare, download, ensemble, evaluate, flops, plots, prepare, preprocess, split, train
     from stages import explain as explain_stage
+    from stages import export as export_stage
 
     monkeypatch.chdir(project)
     params = yaml.safe_load((project / "params.yaml").read_text())
-    per_variant = (train, evaluate, explain_stage) if explain else (train, evaluate)
+    per_variant = (train, evaluate, explain_stage, export_stage) if explain else (train, evaluate)
     steps = [(stage.main, []) for stage in (download, split, prepare, preprocess)]
     steps += [(stage.main, [v]) for v in params["experiments"] for stage in per_variant]
     steps += [(ensemble.main, [name]) for name in params["ensembles"]]

@@ -27,14 +27,14 @@ def ran_stages(output: str) -> set[str]:
 def test_repro_runs_every_stage_and_writes_every_output(reproduced):
     project, output = reproduced
     expected = {"download", "split", "prepare", "preprocess", "compare", "flops", "plots"}
-    expected |= {f"{s}@{v}" for s in ("train", "evaluate", "explain", "card") for v in VARIANTS}
+    expected |= {f"{s}@{v}" for s in ("train", "evaluate", "explain", "card", "export") for v in VARIANTS}
     expected |= {f"ensemble@{ENSEMBLE}"}
     assert ran_stages(output) == expected
 
     outputs = declared_outputs(project)
-    # download 1, split 3, prepare 1, preprocess 1, train 4, evaluate 8, explain 2 and card 1 per variant,
-    # ensemble 8, compare 3, flops 2, plots 1 (no external set: no external stage)
-    assert len(outputs) == 6 + 5 * (4 + 8 + 2 + 1) + 8 + 6
+    # download 1, split 3, prepare 1, preprocess 1, train 4, evaluate 8, explain 2, card 1 and export 1 per
+    # variant, ensemble 8, compare 3, flops 2, plots 1 (no external set: no external stage)
+    assert len(outputs) == 6 + 5 * (4 + 8 + 2 + 1 + 1) + 8 + 6
     for path in outputs:
         assert path.exists(), path
     for v in VARIANTS:

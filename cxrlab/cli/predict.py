@@ -2,6 +2,7 @@
 
     python -m cxrlab.cli.predict --variant baseline [--seed S] [--which best|last] PATHS... [--out preds.csv|.json]
     python -m cxrlab.cli.predict --checkpoint models/baseline/seed_42/best.pt PATHS... [--out preds.json]
+    python -m cxrlab.cli.predict --onnx exports/baseline/seed_42.onnx PATHS... [--out preds.json]
 
 PATHS are image files or folders (searched recursively for images). Each
 image is decoded and resized exactly as the preprocess stage does
@@ -12,7 +13,9 @@ of its fold models' probabilities; a binary task's best or last checkpoint
 is decided at the operating threshold evaluate chose on validation for it
 (`metrics/evaluate/<variant>/report.json`), the rule behind every reported
 metric; a `--checkpoint`, or a task without a threshold, is decided by the
-highest probability. Unreadable files, and images outside the size limits
+highest probability. With `--onnx`, an exported model (export stage) is scored
+with onnxruntime (`pip install -e '.[onnx]'`), deciding as its contract
+(the .json beside it) says. Unreadable files, and images outside the size limits
 of params.yaml (`data.max_image_pixels`, `data.min_image_side`, so run it from
 the project root), are reported and skipped. The table goes to stdout;
 `--out` also writes it as CSV or JSON (checked to be writable first).
@@ -28,6 +31,7 @@ from typing import Sequence
 from cxrlab.config.load import load_params
 from cxrlab.errors import UserError, run_stage
 from cxrlab.io.fsio import check_writable
+from cxrlab.serving.onnx import load_onnx_predictor
 from cxrlab.serving.predict import (
     image_files,
     load_predictor,
@@ -42,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--variant", help="a trained key of `experiments` in params.yaml")
     source.add_argument("--checkpoint", type=Path, help="a checkpoint file (.pt) written by the train stage")
+    source.add_argument("--onnx", type=Path, help="an exported model (exports/<variant>/seed_<seed>.onnx), "
+                        "scored with onnxruntime as the contract beside it says")
     parser.add_argument("--seed", type=int, help="with --variant: which seed's model (default: the first)")
     parser.add_argument("--which", choices=("best", "last"), default="best",
                         help="with --variant: the epoch chosen on validation (best) or the last one")
@@ -58,7 +64,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_writable(args.out)
     data = load_params().data
 
-    if args.variant is not None:  # `--variant ""` too: an unknown variant, named
+    if args.onnx:
+        predictor = load_onnx_predictor(args.onnx)
+    elif args.variant is not None:  # `--variant ""` too: an unknown variant, named
         predictor = variant_predictor(args.variant, args.seed, args.which, args.device)
     else:
         predictor = load_predictor(args.checkpoint, device=args.device)
@@ -71,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     decisions = predictor.decisions(probs)
     classes = predictor.classes
-    print(f"predict: {predictor.path} ({predictor.ckpt['arch']}, {predictor.image_size} px), "
+    print(f"predict: {predictor.path} ({predictor.summary}), "
           f"{len(kept)} images, deciding by {predictor.rule}")
     if predictor.fold_note:
         print(f"predict: {predictor.fold_note}")

@@ -35,6 +35,7 @@ class Params:
         self.ensembles = parsed.ensembles
         self.explain = parsed.explain
         self.external = parsed.external
+        self.export = parsed.export
         self.variants = variants
         self.train = _validate_train(dict(parsed.train), "train")
 

@@ -394,6 +394,11 @@ class ExplainParams(_Section):
     per_group: int = Field(ge=1, le=16)
 
 
+class ExportParams(_Section):
+    # 13: Softmax over one axis (older opsets flatten); 20: the TorchScript exporter's newest
+    opset: int = Field(ge=13, le=20)
+
+
 class _ParamsFile(_Section):
     data: DataParams
     train: dict[str, Any]
@@ -414,6 +419,8 @@ class _ParamsFile(_Section):
                 raise ValueError(f"external set name {name!r}: use letters, digits and _ (a letter first); "
                                  "it names a folder and a DVC stage")
         return sets
+
+    export: ExportParams
 
     @model_validator(mode="after")
     def _reference_is_a_variant(self) -> "_ParamsFile":

@@ -68,6 +68,10 @@ class Predictor:
         return int(self.ckpt["image_size"])
 
     @property
+    def summary(self) -> str:
+        return f"{self.ckpt['arch']}, {self.image_size} px"
+
+    @property
     def fold_note(self) -> str | None:
         """With data.folds, what the model is: the mean of the fold models, as evaluate scores it."""
         if len(self.models) == 1:
