@@ -29,7 +29,7 @@ from cxrlab.explain import cam
 from cxrlab.io.fsio import atomic_file, read_json
 from cxrlab.model.backbones import load_checkpoint, model_from_checkpoint
 from cxrlab.training.engine import predict
-from cxrlab.training.runtime import Runtime, setup
+from cxrlab.training.runtime import Runtime, inference_dtype, setup
 
 BATCH_SIZE = 32
 
@@ -44,6 +44,12 @@ class Predictor:
     rt: Runtime
     positive: int | None = None  # index of the positive class of a binary task
     threshold: float | None = None  # on the positive class's probability; None: argmax
+    dtype: torch.dtype | None = None  # autocast dtype of `probabilities` (runtime.inference_precision); None: fp32
+
+    @property
+    def precision(self) -> str:
+        """The precision that scores images: `fp32` or `bf16` (autocast, fp32 softmax)."""
+        return "bf16" if self.dtype == torch.bfloat16 else "fp32"
 
     @property
     def classes(self) -> list[str]:
@@ -74,7 +80,7 @@ class Predictor:
         batches = [(torch.from_numpy(np.array(images[i:i + batch_size])),
                     torch.zeros(len(images[i:i + batch_size]), dtype=torch.int64))
                    for i in range(0, len(images), batch_size)]
-        return predict(self.model, batches, self.rt, self.ckpt["mean"], self.ckpt["std"])[0]
+        return predict(self.model, batches, self.rt, self.ckpt["mean"], self.ckpt["std"], dtype=self.dtype)[0]
 
     def decisions(self, probs: np.ndarray) -> list[str]:
         """The class decided for each row of `probs`: at the threshold, else by argmax (as evaluate)."""
@@ -89,25 +95,29 @@ class Predictor:
         return self.positive if self.positive is not None else int(probs.argmax())
 
     def heatmaps(self, images: np.ndarray, target_class: int) -> np.ndarray:
-        """Grad-CAM of `target_class` over uint8 images (N, 3, size, size), in [0, 1]."""
+        """Grad-CAM of `target_class` over uint8 images (N, 3, size, size), in [0, 1]; always fp32
+        (the grad-cam library hands activations to NumPy, which has no bf16; and it is one image a time)."""
         return cam.heatmaps(self.model, self.ckpt["arch"], images, self.ckpt["mean"], self.ckpt["std"], target_class)
 
 
 def load_predictor(path: str | Path, positive_class: str | None = None, threshold: float | None = None,
-                   device: str = "auto") -> Predictor:
-    """The model of checkpoint `path`, deciding at `threshold` on `positive_class` (binary tasks only)."""
-    return make_predictor(load_checkpoint(path), path, positive_class, threshold, device)
+                   device: str = "auto", precision: str = "fp32") -> Predictor:
+    """The model of checkpoint `path`, deciding at `threshold` on `positive_class` (binary tasks only),
+    scoring in `precision` (`runtime.inference_precision`: auto, fp32 or bf16)."""
+    return make_predictor(load_checkpoint(path), path, positive_class, threshold, device, precision)
 
 
 def make_predictor(ckpt: dict, path: str | Path, positive_class: str | None = None,
-                   threshold: float | None = None, device: str = "auto") -> Predictor:
-    """Like `load_predictor`, for a checkpoint already loaded from `path`."""
+                   threshold: float | None = None, device: str = "auto", precision: str = "fp32") -> Predictor:
+    """Like `load_predictor`, for a checkpoint already loaded from `path`. The explain stage keeps
+    the default fp32: a stage's output must not depend on `runtime`."""
     rt = setup(device, amp=False, channels_last=False)
     model = model_from_checkpoint(ckpt, path).to(rt.device).eval()
     classes = list(ckpt["classes"])
     binary = len(classes) == 2 and positive_class in classes
     positive = classes.index(positive_class) if binary else None
-    return Predictor(Path(path), ckpt, model, rt, positive, threshold if binary else None)
+    return Predictor(Path(path), ckpt, model, rt, positive, threshold if binary else None,
+                     inference_dtype(precision, rt.device))
 
 
 def operating_threshold(variant: str, seed: int) -> float | None:
@@ -121,7 +131,7 @@ def operating_threshold(variant: str, seed: int) -> float | None:
 
 
 def variant_predictor(variant: str, seed: int | None = None, which: str = "best",
-                      device: str = "auto") -> Predictor:
+                      device: str = "auto", precision: str = "fp32") -> Predictor:
     """The predictor of a trained variant (first seed by default), with evaluate's threshold."""
     params = load_params()
     seeds = params.variant(variant).seeds
@@ -134,7 +144,7 @@ def variant_predictor(variant: str, seed: int | None = None, which: str = "best"
         raise UserError(f"{path} does not exist: variant {variant!r} is not trained yet; "
                         f"run `dvc repro train@{variant} evaluate@{variant}`")
     threshold = operating_threshold(variant, seed) if which == "best" else None
-    return load_predictor(path, params.data.positive_class, threshold, device)
+    return load_predictor(path, params.data.positive_class, threshold, device, precision)
 
 
 def image_files(inputs: Sequence[str]) -> list[Path]:
@@ -190,12 +200,13 @@ def write_output(out: Path, predictor: Predictor, files: list[Path], probs: np.n
     if out.suffix.lower() == ".csv":
         with atomic_file(out) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["file", *(f"prob_{c}" for c in classes), "predicted", "threshold", "decision"])
+            writer.writerow(["file", *(f"prob_{c}" for c in classes), "predicted", "threshold", "decision",
+                             "precision"])
             for path, p, decision in zip(files, probs, decisions):
                 writer.writerow([str(path), *(f"{v:.6f}" for v in p), classes[int(p.argmax())],
                                  # the threshold exactly as evaluate wrote it
                                  "" if predictor.threshold is None else repr(float(predictor.threshold)),
-                                 decision])
+                                 decision, predictor.precision])
         return
     report = {
         "checkpoint": str(predictor.path),
@@ -203,9 +214,11 @@ def write_output(out: Path, predictor: Predictor, files: list[Path], probs: np.n
         "positive_class": None if predictor.positive is None else classes[predictor.positive],
         "threshold": predictor.threshold,
         "rule": predictor.rule,
+        "precision": predictor.precision,
         **({"model": predictor.fold_note} if predictor.fold_note else {}),
         "predictions": [{"file": str(path), "probabilities": dict(zip(classes, map(float, p))),
-                         "predicted": classes[int(p.argmax())], "decision": decision}
+                         "predicted": classes[int(p.argmax())], "decision": decision,
+                         "precision": predictor.precision}
                         for path, p, decision in zip(files, probs, decisions)],
         "skipped": [{"file": str(path), "reason": why} for path, why in skipped],
     }
