@@ -71,7 +71,8 @@ def test_bf16_probabilities_are_within_0_01_of_fp32(trained_project, tmp_path, m
     images = MINI if MINI.is_dir() else trained_project / "data/dataset/test"
     rows = {}
     for precision in ("fp32", "bf16"):
-        main(["--variant", "baseline", "--precision", precision, str(images), "--out", str(tmp_path / f"{precision}.csv")])
+        main(["--variant", "baseline", "--precision", precision, str(images),
+              "--out", str(tmp_path / f"{precision}.csv")])
         assert f"images in {precision}, deciding by" in capsys.readouterr().out
         rows[precision] = read_csv(tmp_path / f"{precision}.csv")
         assert {r["precision"] for r in rows[precision]} == {precision}  # which precision scored each image
