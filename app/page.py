@@ -25,7 +25,7 @@ DISPLAY_WIDTH = 256  # px on the page; small training sizes are scaled up
 
 @st.cache_resource(show_spinner="Loading the model...")
 def predictor_for(variant: str) -> Predictor:
-    return variant_predictor(variant)
+    return variant_predictor(variant, precision=load_params().runtime.inference_precision)
 
 
 def show_result(name: str, image: np.ndarray, predictor: Predictor) -> None:
@@ -42,7 +42,7 @@ def show_result(name: str, image: np.ndarray, predictor: Predictor) -> None:
                  caption=f"Grad-CAM: where the model sees {predictor.classes[explained]}")
     with right:
         st.markdown(f"**Decision: {decision}**")
-        st.caption(f"by {predictor.rule}")
+        st.caption(f"by {predictor.rule}; scored in {predictor.precision}")
         for cls, p in zip(predictor.classes, probs):
             st.progress(float(p), text=f"p({cls}) = {p:.3f}")
 

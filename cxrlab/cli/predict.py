@@ -18,7 +18,10 @@ with onnxruntime (`pip install -e '.[onnx]'`), deciding as its contract
 (the .json beside it) says. Unreadable files, and images outside the size limits
 of params.yaml (`data.max_image_pixels`, `data.min_image_side`, so run it from
 the project root), are reported and skipped. The table goes to stdout;
-`--out` also writes it as CSV or JSON (checked to be writable first).
+`--out` also writes it as CSV or JSON (checked to be writable first), with
+the precision that scored each image: `--precision` (default
+`runtime.inference_precision`; `auto`: bf16 where the CPU or GPU computes it
+natively, within 0.01 of fp32; fp32 gives evaluate's probabilities exactly).
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="with --variant: the epoch chosen on validation (best) or the last one")
     parser.add_argument("--out", type=Path, help="also write the predictions to this .csv or .json file")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                        help="fp32, bf16 or auto (bf16 where native); default: runtime.inference_precision")
     parser.add_argument("paths", nargs="+", help="image files or folders of images")
     args = parser.parse_args(argv)
     if args.out is not None:  # before any work: a wrong --out must not cost the predictions
@@ -62,14 +67,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.out.suffix.lower() not in (".csv", ".json"):
             raise UserError(f"--out {args.out}: write .csv or .json")
         check_writable(args.out)
-    data = load_params().data
+    params = load_params()
+    data, precision = params.data, args.precision or params.runtime.inference_precision
 
     if args.onnx:
         predictor = load_onnx_predictor(args.onnx)
     elif args.variant is not None:  # `--variant ""` too: an unknown variant, named
-        predictor = variant_predictor(args.variant, args.seed, args.which, args.device)
+        predictor = variant_predictor(args.variant, args.seed, args.which, args.device, precision)
     else:
-        predictor = load_predictor(args.checkpoint, device=args.device)
+        predictor = load_predictor(args.checkpoint, device=args.device, precision=precision)
     files = image_files(args.paths)
     # streamed: a batch at a time is decoded and scored, so a folder of 50,000 images fits in memory
     kept, probs, skipped = predict_files(predictor, files, data.max_image_pixels, data.min_image_side,
@@ -80,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     decisions = predictor.decisions(probs)
     classes = predictor.classes
     print(f"predict: {predictor.path} ({predictor.summary}), "
-          f"{len(kept)} images, deciding by {predictor.rule}")
+          f"{len(kept)} images in {predictor.precision}, deciding by {predictor.rule}")
     if predictor.fold_note:
         print(f"predict: {predictor.fold_note}")
     width = max(len(str(p)) for p in kept)

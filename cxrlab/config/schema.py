@@ -302,6 +302,7 @@ class RuntimeParams(_Section):
     nodes: int = Field(ge=1)
     rendezvous: Optional[str]
     resume: bool
+    inference_precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     @field_validator("device")
     @classmethod

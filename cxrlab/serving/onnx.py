@@ -86,6 +86,10 @@ class OnnxPredictor:
         return f"ONNX opset {self.spec['opset']} of {self.spec['arch']}, {self.image_size} px"
 
     @property
+    def precision(self) -> str:
+        return "fp32"  # the exported graph is float32 (onnxruntime on the CPU)
+
+    @property
     def fold_note(self) -> str | None:
         return None  # the export averages a seed's fold models in the graph, as evaluate does
 

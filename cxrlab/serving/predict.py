@@ -34,7 +34,7 @@ from cxrlab.explain import cam
 from cxrlab.io.fsio import atomic_file, read_json
 from cxrlab.model.backbones import load_checkpoint, model_from_checkpoint
 from cxrlab.training.engine import predict
-from cxrlab.training.runtime import Runtime, setup
+from cxrlab.training.runtime import Runtime, inference_dtype, setup
 
 BATCH_SIZE = 32
 
@@ -50,6 +50,12 @@ class Predictor:
     rt: Runtime
     positive: int | None = None  # index of the positive class of a binary task
     threshold: float | None = None  # on the positive class's probability; None: argmax
+    dtype: torch.dtype | None = None  # autocast dtype of `probabilities` (runtime.inference_precision); None: fp32
+
+    @property
+    def precision(self) -> str:
+        """The precision that scores images: `fp32` or `bf16` (autocast, fp32 softmax)."""
+        return "bf16" if self.dtype == torch.bfloat16 else "fp32"
 
     @property
     def path(self) -> Path:
@@ -92,7 +98,7 @@ class Predictor:
         batches = [(torch.from_numpy(np.array(images[i:i + batch_size])),
                     torch.zeros(len(images[i:i + batch_size]), dtype=torch.int64))
                    for i in range(0, len(images), batch_size)]
-        probs = [predict(model, batches, self.rt, ckpt["mean"], ckpt["std"])[0]
+        probs = [predict(model, batches, self.rt, ckpt["mean"], ckpt["std"], dtype=self.dtype)[0]
                  for model, ckpt in zip(self.models, self.ckpts)]
         return probs[0] if len(probs) == 1 else np.mean(probs, axis=0)
 
@@ -106,30 +112,34 @@ class Predictor:
 
     def heatmaps(self, images: np.ndarray, target_class: int) -> np.ndarray:
         """Grad-CAM of `target_class` over uint8 images (N, 3, size, size), in [0, 1]; with several (fold)
-        models the mean of their maps (each model's own last feature maps: there is no one layer to share)."""
+        models the mean of their maps (each model's own last feature maps: there is no one layer to share).
+        Always fp32 (the grad-cam library hands activations to NumPy, which has no bf16)."""
         maps = [cam.heatmaps(model, ckpt["arch"], images, ckpt["mean"], ckpt["std"], target_class)
                 for model, ckpt in zip(self.models, self.ckpts)]
         return maps[0] if len(maps) == 1 else np.mean(maps, axis=0)
 
 
 def load_predictor(path: str | Path | Sequence[str | Path], positive_class: str | None = None,
-                   threshold: float | None = None, device: str = "auto") -> Predictor:
+                   threshold: float | None = None, device: str = "auto", precision: str = "fp32") -> Predictor:
     """The model of checkpoint `path` (or of several fold checkpoints, averaged), deciding at `threshold` on
-    `positive_class` (binary tasks only)."""
+    `positive_class` (binary tasks only), scoring in `precision` (`runtime.inference_precision`: auto, fp32
+    or bf16)."""
     files = [path] if isinstance(path, (str, Path)) else list(path)
-    return make_predictor([load_checkpoint(p) for p in files], files, positive_class, threshold, device)
+    return make_predictor([load_checkpoint(p) for p in files], files, positive_class, threshold, device, precision)
 
 
 def make_predictor(ckpts: list[dict], files: Sequence[str | Path], positive_class: str | None = None,
-                   threshold: float | None = None, device: str = "auto") -> Predictor:
-    """Like `load_predictor`, for checkpoints already loaded from `files`."""
+                   threshold: float | None = None, device: str = "auto", precision: str = "fp32") -> Predictor:
+    """Like `load_predictor`, for checkpoints already loaded from `files`. The explain stage keeps the
+    default fp32: a stage's output must not depend on `runtime`."""
     first = ckpts[0]  # fold models of one seed: trained together by one train stage, on the same data
     rt = setup(device, amp=False, channels_last=False)
     models = [model_from_checkpoint(ckpt, path).to(rt.device).eval() for ckpt, path in zip(ckpts, files)]
     classes = list(first["classes"])
     binary = len(classes) == 2 and positive_class in classes
     positive = classes.index(positive_class) if binary else None
-    return Predictor([Path(p) for p in files], list(ckpts), models, rt, positive, threshold if binary else None)
+    return Predictor([Path(p) for p in files], list(ckpts), models, rt, positive, threshold if binary else None,
+                     inference_dtype(precision, rt.device))
 
 
 def operating_threshold(variant: str, seed: int, which: str = "best") -> float | None:
@@ -143,7 +153,7 @@ def operating_threshold(variant: str, seed: int, which: str = "best") -> float |
 
 
 def variant_predictor(variant: str, seed: int | None = None, which: str = "best",
-                      device: str = "auto") -> Predictor:
+                      device: str = "auto", precision: str = "fp32") -> Predictor:
     """The predictor of a trained variant (first seed by default; with data.folds the mean of its fold
     models), deciding at evaluate's operating threshold for that checkpoint kind."""
     params = load_params()
@@ -157,7 +167,8 @@ def variant_predictor(variant: str, seed: int | None = None, which: str = "best"
     if missing:
         raise UserError(f"{missing[0]} does not exist: variant {variant!r} is not trained yet; "
                         f"run `dvc repro train@{variant} evaluate@{variant}`")
-    return load_predictor(files, params.data.positive_class, operating_threshold(variant, seed, which), device)
+    return load_predictor(files, params.data.positive_class, operating_threshold(variant, seed, which), device,
+                          precision)
 
 
 def image_files(inputs: Sequence[str]) -> list[Path]:
@@ -233,12 +244,13 @@ def write_output(out: Path, predictor: Predictor, files: list[Path], probs: np.n
     if out.suffix.lower() == ".csv":
         with atomic_file(out) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["file", *(f"prob_{c}" for c in classes), "predicted", "threshold", "decision"])
+            writer.writerow(["file", *(f"prob_{c}" for c in classes), "predicted", "threshold", "decision",
+                             "precision"])
             for path, p, decision in zip(files, probs, decisions):
                 writer.writerow([str(path), *(f"{v:.6f}" for v in p), classes[int(p.argmax())],
                                  # the threshold exactly as evaluate wrote it
                                  "" if predictor.threshold is None else repr(float(predictor.threshold)),
-                                 decision])
+                                 decision, predictor.precision])
         return
     report = {
         "checkpoint": str(predictor.path) if len(predictor.paths) == 1 else [str(p) for p in predictor.paths],
@@ -246,9 +258,11 @@ def write_output(out: Path, predictor: Predictor, files: list[Path], probs: np.n
         "positive_class": None if predictor.positive is None else classes[predictor.positive],
         "threshold": predictor.threshold,
         "rule": predictor.rule,
+        "precision": predictor.precision,
         **({"model": predictor.fold_note} if predictor.fold_note else {}),
         "predictions": [{"file": str(path), "probabilities": dict(zip(classes, map(float, p))),
-                         "predicted": classes[int(p.argmax())], "decision": decision}
+                         "predicted": classes[int(p.argmax())], "decision": decision,
+                         "precision": predictor.precision}
                         for path, p, decision in zip(files, probs, decisions)],
         "skipped": [{"file": str(path), "reason": why} for path, why in skipped],
     }

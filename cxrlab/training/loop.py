@@ -166,7 +166,7 @@ def train_run(variant: str, cfg: TrainParams, seed: int, data: DataParams, rt: R
     meta = checkpoint_meta(cfg.arch, cfg.dropout, run.classes, run.image_size, data.mean, data.std,
                            head_hidden=cfg.head_hidden, keep_imagenet_head=cfg.keep_imagenet_head,
                            variant=variant, seed=seed, fold=fold)
-    fingerprint = run_fingerprint(cfg, data, seed, fold)
+    fingerprint = run_fingerprint(cfg, data, seed, fold, rt.amp_dtype)
     progress = resume_or_start(run, cfg, rt, state_dir, fingerprint, name, resume)
     if rt.is_main:
         announce(run, cfg, rt, splits, name)

@@ -31,13 +31,18 @@ from cxrlab.model.backbones import load_checkpoint
 RESUME_FILE = "resume.pt"
 
 
-def run_fingerprint(cfg: TrainParams, data: DataParams, seed: int, fold: int | None = None) -> str:
+def run_fingerprint(cfg: TrainParams, data: DataParams, seed: int, fold: int | None = None,
+                    amp_dtype=None) -> str:
     """What a resumed run must share with the interrupted one: every setting that
-    changes the numbers, the prepared data, and with data.folds the fold it holds out."""
+    changes the numbers, the prepared data, with data.folds the fold it holds out,
+    and the mixed precision the machine gave `train.amp` (a run begun in bf16 on an
+    AMX CPU does not continue in fp32 on a CPU without it)."""
     settings = cfg.model_dump(exclude={"seeds", "log_test_curve"})
     run = {"train": settings, "seed": seed, "positive": data.positive_class, "mean": data.mean, "std": data.std}
     if fold is not None:  # without folds the fingerprint is unchanged
         run["fold"] = fold
+    if amp_dtype is not None:  # nor in fp32
+        run["amp_dtype"] = str(amp_dtype)
     digest = hashlib.sha256(json.dumps(run, sort_keys=True).encode())
     for name in ("train.csv", "test.csv", "meta.json"):
         digest.update((paths.PREPARED / name).read_bytes())
