@@ -112,6 +112,12 @@ def stage(module: str, *args: str, cwd: Path, check: bool = False,
     return run([sys.executable, "-m", target, *args], cwd=cwd, check=check, extra_env=env)
 
 
+def written(folder: Path) -> list[Path]:
+    """The files a run left under `folder`, beside the one the repository keeps there (metrics/external/README.md,
+    so that the external results' folder exists as a dependency)."""
+    return [p for p in folder.rglob("*") if p.is_file() and p.name != "README.md"] if folder.exists() else []
+
+
 def git_repo(path: Path) -> None:
     """Make `path` a git repository with one commit (CI may have no git identity)."""
     for cmd in (["git", "init", "-q"], ["git", "config", "user.name", "Test"],
