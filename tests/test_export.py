@@ -99,7 +99,7 @@ def test_predict_scores_an_onnx_file_as_its_contract_says(reproduced, monkeypatc
     monkeypatch.chdir(project)
     folder = project / "data/dataset/test"
     predict.main(["--onnx", "exports/baseline/seed_42.onnx", str(folder), "--out", str(tmp_path / "o.json")])
-    predict.main(["--variant", "baseline", str(folder), "--out", str(tmp_path / "t.json")])
+    predict.main(["--variant", "baseline", "--precision", "fp32", str(folder), "--out", str(tmp_path / "t.json")])
     assert "ONNX opset" in capsys.readouterr().out
     ours, theirs = (json.loads((tmp_path / n).read_text()) for n in ("o.json", "t.json"))
     assert ours["threshold"] == theirs["threshold"] and ours["classes"] == theirs["classes"]
