@@ -122,7 +122,8 @@ def test_the_split_names_each_bad_file_once_and_counts_ignored_files_by_suffix(i
     (raw / "health" / "h0999.png").write_bytes(broken_exif_png())
     multi_frame(raw / "tb" / "tb0998.tif", "TIFF")
     multi_frame(raw / "health" / "h0998.gif", "GIF")
-    (raw / "tb" / "tb0997.dcm").write_bytes(b"\0" * 128 + b"DICM")
+    (raw / "tb" / "tb0997.dcm").write_bytes(b"\0" * 128 + b"DICM")  # a DICOM file without a data set: bad
+    (raw / "tb" / "tb0996.svg").write_text("<svg/>")
     (raw / "tb" / "notes.txt").write_text("not an image")
     set_params(in_project / "params.yaml", {"data.on_bad_image": "skip"})
     split.main([])
@@ -131,9 +132,10 @@ def test_the_split_names_each_bad_file_once_and_counts_ignored_files_by_suffix(i
     assert "skipped unreadable image health/h0999.png: the decoder failed: SyntaxError" in out
     assert "skipped unreadable image tb/tb0998.tif: a TIFF file of 2 frames" in out
     assert out.count("tb0999.png") == 1
-    assert "split: ignored 3 files in the class folders that are not read as images (.dcm 1, .gif 1, .txt 1)" in out
+    assert "skipped unreadable image tb/tb0997.dcm" in out
+    assert "split: ignored 3 files in the class folders that are not read as images (.gif 1, .svg 1, .txt 1)" in out
     report = json.loads((in_project / "metrics" / "split_report.json").read_text())
-    assert report["bad_images"] == 3 and report["ignored_by_suffix"] == {".dcm": 1, ".gif": 1, ".txt": 1}
+    assert report["bad_images"] == 4 and report["ignored_by_suffix"] == {".gif": 1, ".svg": 1, ".txt": 1}
     assert "tb0999.png" not in (in_project / "data" / "split" / "train.csv").read_text()
     assert not fake_gs.exists()
 

@@ -89,12 +89,42 @@ def test_several_seeds_list_each_threshold_and_label_their_intervals():
 
 
 def test_headline_is_numbers_only():
-    report = {"accuracy": 0.9, "f1": 0.8, "f1_ci": {"low": 0.7, "high": 0.85}, "roc_auc": None,
+    report = {"threshold": 0.4, "accuracy": 0.9, "f1": 0.8, "f1_ci": {"low": 0.7, "high": 0.85}, "roc_auc": None,
               "roc_auc_ci": {"low": None, "high": None}, "ece": 0.05, "per_class": {"f1": {"TB": 0.8}},
-              "operating_point": {"test": {"sensitivity": 0.9, "sensitivity_ci": {"low": 0.8, "high": 1.0},
-                                           "specificity": 0.7}}}
+              "sensitivity": 0.9, "sensitivity_ci": {"low": 0.8, "high": 1.0}, "specificity": 0.7,
+              "argmax": {"accuracy": 0.7}}
     assert scoring.headline(report) == {"accuracy": 0.9, "f1": 0.8, "f1_low": 0.7, "f1_high": 0.85, "ece": 0.05,
-                                        "op_sensitivity": 0.9, "op_sensitivity_low": 0.8, "op_specificity": 0.7}
+                                        "sensitivity": 0.9, "sensitivity_low": 0.8, "specificity": 0.7,
+                                        "threshold": 0.4}
+
+
+def test_one_decision_rule_the_headline_is_at_the_operating_threshold():
+    """Scores all below 0.5: the argmax calls everything Healthy, the validation threshold (0.12) does not."""
+    y_val = np.array([1] * 20 + [0] * 20)
+    p_val = binary(np.concatenate([0.1 + np.arange(1, 21) / 100, np.arange(1, 21) / 1000]))
+    y = np.array([1] * 10 + [0] * 10)
+    p = binary(np.concatenate([np.linspace(0.11, 0.3, 10), np.linspace(0.001, 0.2, 10)]))
+    classes = ["Healthy", "TB"]
+    r, _ = scoring.seed_report(y, p, y_val, p_val, classes, "TB", "seed_1", evaluate_params(), ST)
+    op = r["operating_point"]
+    assert r["threshold"] == op["thresholds"]["seed_1"] == pytest.approx(0.12)
+    assert "operating threshold" in r["decision"]
+    for key in ("sensitivity", "specificity", "accuracy", "f1"):
+        assert r[key] == op["test"][key] and r[key + "_ci"] == op["test"][key + "_ci"]
+    decided = p[:, 1] >= r["threshold"]
+    assert r["confusion_matrix"] == {"Healthy": {"Healthy": int(np.sum(~decided[10:])),
+                                                 "TB": int(np.sum(decided[10:]))},
+                                     "TB": {"Healthy": int(np.sum(~decided[:10])), "TB": int(np.sum(decided[:10]))}}
+    assert r["argmax"]["sensitivity"] == 0 and r["argmax"]["confusion_matrix"]["TB"] == {"Healthy": 10, "TB": 0}
+    assert r["sensitivity"] == 0.9 and "roc_auc" not in r["argmax"]
+    other, _ = scoring.seed_report(y, binary(np.clip(p[:, 1] + 0.05, 0, 1)), y_val, p_val, classes, "TB",
+                                   "seed_2", evaluate_params(), ST)
+    mean = scoring.seeds_report(y, [p, binary(np.clip(p[:, 1] + 0.05, 0, 1))], y_val, [p_val, p_val], [r, other],
+                                ["seed_1", "seed_2"], classes, "TB", evaluate_params(), ST)
+    assert mean["sensitivity"] == pytest.approx((r["sensitivity"] + other["sensitivity"]) / 2)
+    assert mean["sensitivity_ci"] == mean["operating_point"]["test"]["sensitivity_ci"]  # the same rule
+    assert mean["argmax"]["sensitivity_ci"]["high"] < mean["sensitivity_ci"]["low"]
+    assert mean["threshold"] is None and "threshold" not in scoring.headline(mean)
 
 
 def test_probabilities_survive_a_write_and_read_exactly(tmp_path):
@@ -186,7 +216,7 @@ def test_summary_rows_say_what_their_own_intervals_cover_and_show_the_verdict_an
     text = summary_table(["baseline", "both"], evals, {}, {"variants": {}, "units": ""}, ["Healthy", "TB"], "TB",
                          "", 0.95)
     rows = [line for line in text.splitlines() if line.startswith(("| baseline |", "| both |"))]
-    assert len(rows) == 6  # best, last and operating point, per model
+    assert len(rows) == 8  # best, last, best at the argmax and operating point, per model
     assert all(r.endswith("| seeds + test sampling |") for r in rows if r.startswith("| baseline |"))
     assert all(r.endswith("| test sampling |") for r in rows if r.startswith("| both |"))
     assert "exact (Clopper-Pearson) for accuracy, sensitivity and specificity" in text
@@ -209,7 +239,8 @@ def test_the_page_shows_the_interval_verdict_and_which_intervals_are_exact(tmp_p
     write_json(tmp_path / "metrics/evaluate/baseline/report.json",
                report_of(y, binary(np.where(y == 1, 0.9, 0.1)), y_val, p_val, "test"))
     table = metrics_table("baseline", params)
-    assert "| Sensitivity at the threshold | 1.000 | [0.735, 1.000] |" in table
+    assert "| test metric (best checkpoint, at the operating threshold) |" in table
+    assert "| Sensitivity | 1.000 | [0.735, 1.000] |" in table  # the headline is the operating point's
     assert "| WHO TPP, CXR triage test for TB (sensitivity >= 0.9, specificity >= 0.7) | inconclusive |" in table
     assert "exact (Clopper-Pearson) for accuracy, sensitivity, specificity and precision" in table
 

@@ -302,6 +302,7 @@ class RuntimeParams(_Section):
     nodes: int = Field(ge=1)
     rendezvous: Optional[str]
     resume: bool
+    inference_precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     @field_validator("device")
     @classmethod
@@ -367,9 +368,36 @@ class EnsembleParams(_Section):
         if len(set(members)) != len(members):
             raise ValueError("members must be distinct variants")
         return members
+class ExternalSetParams(_Section):
+    """One external test set (`external.<name>`): scored by every model, never trained, tuned or split on."""
+
+    source: str = Field(min_length=1)  # as data.source: demo, kaggle:<owner>/<dataset>, an http(s) archive, a path
+    # The one default of the schema: a set is added on the command line in one short -S line
+    # (`+external.x={source: ..., classes: auto}`), so an absent sha256 means "not checked", as null does.
+    sha256: Optional[str] = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+    # auto: each training class's folder found by its class or training folder name, case-insensitively;
+    # or {class: folder} naming the folder of every training class (as data.classes)
+    classes: Union[Literal["auto"], dict[str, str]]
+
+    @field_validator("classes")
+    @classmethod
+    def _folders_named(cls, classes):
+        if isinstance(classes, dict) and any(not str(f).strip("/") for f in classes.values()):
+            raise ValueError("every class needs a folder name")
+        return classes
+
+
+EXTERNAL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
 class ExplainParams(_Section):
     checkpoint: Literal["best", "last"]
     per_group: int = Field(ge=1, le=16)
+
+
+class ExportParams(_Section):
+    # 13: Softmax over one axis (older opsets flatten); 20: the TorchScript exporter's newest
+    opset: int = Field(ge=13, le=20)
 
 
 class _ParamsFile(_Section):
@@ -382,6 +410,18 @@ class _ParamsFile(_Section):
     compare: CompareParams
     ensembles: dict[str, EnsembleParams]
     explain: ExplainParams
+    external: dict[str, ExternalSetParams]
+
+    @field_validator("external")
+    @classmethod
+    def _external_names(cls, sets: dict) -> dict:
+        for name in sets:
+            if not EXTERNAL_NAME.fullmatch(name):
+                raise ValueError(f"external set name {name!r}: use letters, digits and _ (a letter first); "
+                                 "it names a folder and a DVC stage")
+        return sets
+
+    export: ExportParams
 
     @model_validator(mode="after")
     def _reference_is_a_variant(self) -> "_ParamsFile":

@@ -4,7 +4,9 @@ Every image, whatever its mode (8- or 16-bit grayscale, palette, RGB, RGBA,
 CMYK), becomes an 8-bit RGB array resized to the training resolution with
 the same filter torchvision's `Resize` uses on PIL images (bilinear, with
 antialiasing). Preprocessing, prediction and the web page all go through
-`read_rgb` (`load_rgb`), so they see the same pixels.
+`read_rgb` (`load_rgb`), so they see the same pixels. DICOM files (`.dcm`,
+or the DICM marker) go to `cxrlab.data.dicom`, which gives the 8-bit grey
+image a PNG of the same values would.
 
 Before anything is decoded, the header's size is checked: more than
 `data.max_image_pixels` pixels is refused (a decompression bomb: a 140 KB
@@ -44,7 +46,10 @@ from typing import IO, Iterator
 import numpy as np
 from PIL import Image, ImageOps
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+from cxrlab.data.dicom import DICOM_SUFFIXES, has_preamble, is_dicom, read_dicom
+
+PILLOW_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+IMAGE_SUFFIXES = PILLOW_SUFFIXES | DICOM_SUFFIXES  # DICOM: cxrlab.data.dicom
 
 # Bit depths X-ray detectors deliver; a 16-bit image without sBIT is taken to
 # hold the smallest of these that covers its brightest pixel.
@@ -80,6 +85,12 @@ def is_image_name(name: str) -> bool:
     return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
 
 
+def is_image_file(path: str | Path) -> bool:
+    """An image by its name, or a DICOM file by its DICM marker (PACS exports often have no suffix)."""
+    name = Path(path).name
+    return is_image_name(name) or (not name.startswith(".") and has_preamble(path))
+
+
 def natural_key(name: str) -> tuple:
     """Sort key comparing the numbers in a file name by value: h2 < h10.
 
@@ -87,7 +98,8 @@ def natural_key(name: str) -> tuple:
     Text parts are compared case-insensitively; two names with the same key
     (`h1.png`, `h0001.png`, `H0001.jpg`) carry the same ID.
     """
-    parts = _DIGITS.split(Path(name).stem)
+    # a suffix only if it is an image's: DICOM files named by UID (1.2.840.113619.2.55.3.4) end in digits
+    parts = _DIGITS.split(Path(name).stem if Path(name).suffix.lower() in IMAGE_SUFFIXES else name)
     return tuple(int(p) if i % 2 else p.lower() for i, p in enumerate(parts))
 
 
@@ -264,6 +276,8 @@ def read_png16(data: bytes, significant_bits: int | None) -> Image.Image:
 
 def read_rgb(source: str | Path | IO[bytes], max_pixels: int, min_side: int) -> Image.Image:
     """`source` decoded into an 8-bit RGB image, within the size limits (see `open_image`)."""
+    if is_dicom(source, PILLOW_SUFFIXES):  # its own reader (cxrlab.data.dicom): never Pillow's guess
+        return read_dicom(source, max_pixels, min_side).convert("RGB")
     with open_image(source, max_pixels, min_side) as (img, bits, png16_at):
         try:
             if png16_at is not None:

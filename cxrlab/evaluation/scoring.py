@@ -1,11 +1,14 @@
 """From test predictions to the evaluate report of one checkpoint kind (best or last), and its headline.
 
-For each seed: the metrics at the argmax (0.5) decision, a confidence
-interval beside each headline value (`accuracy` then `accuracy_ci`), the
-expected calibration error, and the operating point (a threshold chosen on
-validation for a target sensitivity, see `stats.threshold_for_sensitivity`)
-with its test sensitivity and specificity and whether it meets the
-screening target of params (`evaluate.screening`).
+For each seed: the operating point (a threshold chosen on validation for a
+target sensitivity, see `stats.threshold_for_sensitivity`) with its test
+sensitivity and specificity and whether it meets the screening target of
+params (`evaluate.screening`); the metrics and confusion matrix at that
+threshold, the one decision rule of every output (at the argmax (0.5) when
+validation gives no threshold, or for more than two classes), a confidence
+interval beside each headline value (`accuracy` then `accuracy_ci`); the
+expected calibration error; and `argmax`: the same metrics at the argmax
+(0.5) decision, a secondary view.
 
 With several seeds, the headline is the mean over seeds, `<metric>_sd` the
 standard deviation across seeds (training noise), and `<metric>_ci` the
@@ -138,6 +141,17 @@ def operating_point(y_val, probs_val: list[np.ndarray] | None, y_test, probs_tes
     return result
 
 
+# What does not depend on the decision rule (a report's `argmax` leaves these out).
+DECISION_FREE = ("roc_auc", "roc_auc_ci", "loss", "n")
+
+
+def decision_text(threshold: float | None, positive: str) -> str:
+    """The decision rule of a report's headline metrics, in words."""
+    if threshold is None:
+        return "argmax (0.5): no operating threshold could be chosen on validation"
+    return f"p({positive}) >= the operating threshold chosen on validation"
+
+
 def target_verdicts(test: dict, screening: ScreeningParams) -> dict:
     """The screening target read on the exact intervals of the test sensitivity and specificity
     (`stats.verdict`: met / not met / inconclusive, each and jointly), and on the point estimates."""
@@ -165,17 +179,34 @@ def rule_text(rule: str, k: int, n_pos: int, target: float, positive_class: str)
 
 def seed_report(y, prob, y_val, prob_val, classes: list[str], positive: str, run: str,
                 ev: EvaluateParams, st: StatsParams) -> tuple[dict, list[dict]]:
-    """One run's checkpoint (`run`: its label, e.g. `seed_42`) on the test set; returns (report, reliability bins)."""
-    pos = classes.index(positive)
-    metrics = classification_metrics(y, prob, classes, positive)
-    intervals = stats.intervals(y, [prob], pos, st.resamples, st.seed, st.ci_level)
-    report = with_intervals(metrics, intervals)
+    """One run's checkpoint (`run`: its label, e.g. `seed_42`) on the test set; returns (report, reliability bins).
+
+    The metrics and the confusion matrix are at the run's operating threshold when validation gives one
+    (`threshold`), else at the argmax; `argmax` repeats those that depend on the decision at the argmax
+    (0.5), a secondary view."""
+    op = None
+    if len(classes) == 2:
+        op = operating_point(y_val, [prob_val] if y_val is not None else None, y, [prob], [run], classes,
+                             positive, ev, st)
+    threshold = (op.get("thresholds") or {}).get(run) if op else None
+    report: dict = {"decision": decision_text(threshold, positive), "threshold": threshold}
+    report.update(_scored(y, prob, classes, positive, threshold, st))
     report["ece"], bins = stats.calibration(y, prob, ev.calibration_bins)
     report.update(ece_extras(y, [prob], ev, st))
-    if len(classes) == 2:
-        report["operating_point"] = operating_point(
-            y_val, [prob_val] if y_val is not None else None, y, [prob], [run], classes, positive, ev, st)
+    if op is not None:
+        report["operating_point"] = op
+    report["argmax"] = {k: v for k, v in _scored(y, prob, classes, positive, None, st).items()
+                        if k not in DECISION_FREE}
     return report, bins
+
+
+def _scored(y, prob, classes: list[str], positive: str, threshold: float | None, st: StatsParams) -> dict:
+    """The metrics of one run's probabilities decided at `threshold` (None: argmax), each with its interval."""
+    pos = classes.index(positive)
+    metrics = classification_metrics(y, prob, classes, positive, threshold)
+    intervals = stats.intervals(y, [prob], pos, st.resamples, st.seed, st.ci_level,
+                                None if threshold is None else [threshold])
+    return with_intervals(metrics, intervals)
 
 
 def ece_extras(y, probs: list[np.ndarray], ev: EvaluateParams, st: StatsParams) -> dict:
@@ -204,16 +235,26 @@ def mean_report(reports: list[dict]) -> dict:
 
 def seeds_report(y, probs: list[np.ndarray], y_val, probs_val: list[np.ndarray] | None, per_seed: list[dict],
                  runs: list[str], classes: list[str], positive: str, ev: EvaluateParams, st: StatsParams) -> dict:
-    """The headline of several seeds: mean, sd across seeds, and the interval of the mean."""
+    """The headline of several seeds: mean, sd across seeds, and the interval of the mean; each seed's
+    metrics at its own operating threshold (the same rule as its `seed_report`), `argmax` at the argmax."""
     pos = classes.index(positive)
     headline = mean_report(per_seed)
     resample = interval_kind(len(probs), st) == "seeds+test"
-    intervals = stats.intervals(y, probs, pos, st.resamples, st.seed, st.ci_level, resample_models=resample)
-    for name in stats.INTERVAL_METRICS:
-        parent, _, leaf = name.rpartition(".")
-        node = _get(headline, parent) if parent else headline
-        node[leaf + "_ci"] = intervals[name]
-        node[leaf + "_sd"] = float(np.std([_get(r, name) for r in per_seed], ddof=1))
+    thresholds = [r["threshold"] for r in per_seed]
+    headline["threshold"] = None  # one per seed: operating_point.thresholds
+    for node_of, at in ((lambda r: r, thresholds), (lambda r: r["argmax"], None)):
+        if at is not None and any(t is None for t in at):
+            at = None
+        intervals = stats.intervals(y, probs, pos, st.resamples, st.seed, st.ci_level, at,
+                                    resample_models=resample)
+        target = node_of(headline)
+        for name in stats.INTERVAL_METRICS:
+            parent, _, leaf = name.rpartition(".")
+            node = _get(target, parent) if parent else target
+            if leaf not in node:  # roc_auc: not repeated under argmax
+                continue
+            node[leaf + "_ci"] = intervals[name]
+            node[leaf + "_sd"] = float(np.std([_get(node_of(r), name) for r in per_seed], ddof=1))
     headline["ece_sd"] = float(np.std([r["ece"] for r in per_seed], ddof=1))
     headline.update(ece_extras(y, probs, ev, st))  # the interval of the seed-mean ECE, test sampling
     if len(classes) == 2:
@@ -222,14 +263,13 @@ def seeds_report(y, probs: list[np.ndarray], y_val, probs_val: list[np.ndarray] 
 
 
 # The headline numbers of a report in metrics.json: (key there, path in the report).
+# All at the report's decision rule: the operating threshold when there is one (`threshold`, a single
+# run's; several seeds each decide at their own, listed in report.json), else the argmax.
 HEADLINE = (
     ("accuracy", "accuracy"), ("f1", "f1"), ("f1_low", "f1_ci.low"), ("f1_high", "f1_ci.high"),
-    ("sensitivity", "sensitivity"), ("specificity", "specificity"),
+    ("sensitivity", "sensitivity"), ("sensitivity_low", "sensitivity_ci.low"), ("specificity", "specificity"),
     ("roc_auc", "roc_auc"), ("roc_auc_low", "roc_auc_ci.low"), ("roc_auc_high", "roc_auc_ci.high"),
-    ("ece", "ece"),
-    ("op_sensitivity", "operating_point.test.sensitivity"),
-    ("op_sensitivity_low", "operating_point.test.sensitivity_ci.low"),
-    ("op_specificity", "operating_point.test.specificity"),
+    ("ece", "ece"), ("threshold", "threshold"),
 )
 
 

@@ -33,6 +33,7 @@ from cxrlab.errors import UserError
 from cxrlab.io.fsio import atomic_dir, read_json
 from cxrlab.io.records import read_rows
 from cxrlab.reports import figures
+from cxrlab.reports.external_table import external_reports, external_section
 
 # The published results (test-picked epoch), shown beside ours on TBX11K's test set.
 STUDY_PUBLISHED = {
@@ -189,6 +190,37 @@ def operating_point_section(variants: list[str], evals: dict) -> list[str]:
     return lines
 
 
+FOLD_SPREAD = ("accuracy", "f1", "sensitivity", "specificity", "roc_auc")
+
+
+def _spread_cell(s: dict | None) -> str:
+    if not s:
+        return "n/a"
+    sd = f" ± {s['sd']:.4f}" if s.get("sd") is not None else ""
+    return f"{s['mean']:.4f}{sd} [{s['min']:.4f}, {s['max']:.4f}]"
+
+
+def fold_spread_section(variants: list[str], evals: dict) -> list[str]:
+    """With data.folds: each fold model's validation metrics on its held-out fold, as mean ± sd [min, max]
+    across folds (per seed), from report.json's `cross_validation`."""
+    rows = []
+    for v in variants:
+        cv = evals[v].get("cross_validation")
+        for seed, by_which in (cv["per_seed"].items() if cv else []):
+            spread = by_which["best"]["spread"]
+            rows.append(f"| {v} | {seed} | {len(by_which['best']['per_fold'])} | "
+                        + " | ".join(_spread_cell(spread.get(k)) for k in FOLD_SPREAD)
+                        + " |")
+    if not rows:
+        return []
+    return ["", "## Cross-validation: spread across the fold models (validation, best epochs)", "",
+            ("Each fold model on the fold it held out, at the argmax: mean ± sd (ddof 1) [min, max] across folds. "
+             "These show how much the choice of held-out images moves the numbers; they are validation, not "
+             "test, numbers. The test metrics above are of the mean of the fold models (docs/cross-validation.md)."),
+            "", "| variant | seed | folds | accuracy | F1 | sensitivity | specificity | ROC AUC |",
+            "|---|---|---|---|---|---|---|---|", *rows]
+
+
 def summary_table(variants, evals, trains, flops, classes, positive, comparison_md: str, level: float) -> str:
     first = evals[variants[0]]
     n_test = first["best"]["n"]
@@ -201,8 +233,11 @@ def summary_table(variants, evals, trains, flops, classes, positive, comparison_
     lines = [
         "# Results",
         "",
-        (f"Test set: {n_test} images. F1, sensitivity and specificity are those of **{positive}**, at the "
-         f"argmax (0.5) decision; {spread}; {methods}. Confusion matrices: rows are "
+        (f"Test set: {n_test} images. F1, sensitivity and specificity are those of **{positive}**. Every "
+         "model decides at its operating threshold (chosen on validation, each seed its own: see the operating "
+         "point below), the rule predict, the page and the Grad-CAM gallery use; a model without one at the "
+         "argmax (0.5), which the table \"at the argmax\" shows for every model, for reference. "
+         f"{spread[0].upper() + spread[1:]}; {methods}. Confusion matrices: rows are "
          f"the true class and columns the predicted class, both in the order {', '.join(classes)} (for two "
          "classes with the second positive: [[TN FP] [FN TP]])."),
         "",
@@ -230,7 +265,17 @@ def summary_table(variants, evals, trains, flops, classes, positive, comparison_
             f"{with_ci(m, 'sensitivity')} | {with_ci(m, 'specificity')} | {with_ci(m, 'roc_auc')} | "
             f"{confusion_text(m['confusion_matrix'], classes)} | {kind_label(evals[v])} |")
 
+    lines += ["", "## Best epoch at the argmax (0.5) decision (secondary: not the models' decision rule)", "",
+              "| variant | accuracy | F1 | sensitivity | specificity | confusion | intervals |",
+              "|---|---|---|---|---|---|---|"]
+    for v in variants:
+        m = evals[v]["best"].get("argmax") or evals[v]["best"]
+        lines.append(f"| {v} | {with_ci(m, 'accuracy')} | {with_ci(m, 'f1')} | {with_ci(m, 'sensitivity')} | "
+                     f"{with_ci(m, 'specificity')} | {confusion_text(m['confusion_matrix'], classes)} | "
+                     f"{kind_label(evals[v])} |")
+
     lines += operating_point_section(variants, evals)
+    lines += fold_spread_section(variants, evals)
     studies = {v: [r.get("study_protocol") for s in trains[v]["seeds"].values()  # each run: a seed, or seed x fold
                    for r in (s["folds"].values() if "folds" in s else [s])] for v in variants if v in trains}
     if any(all(s) for s in studies.values()):
@@ -280,6 +325,7 @@ def make_plots(params: Params) -> None:
     classes = list(evals[variants[0]]["best"]["confusion_matrix"])
 
     rocs, reliability = {}, {}
+    points: dict[str, tuple[float, float]] = {}  # each model's operating point on its (first seed's) ROC
     for v in scored:
         rows = read_rows(_require(paths.eval_dir(v) / "predictions.csv", stage_of[v]), stage_of[v])
         first_seed = rows[0]["seed"]
@@ -291,6 +337,9 @@ def make_plots(params: Params) -> None:
             fpr, tpr, _ = roc_curve(y, score)
             auc = per_seed[f"seed_{first_seed}"]["best"]["roc_auc"] if per_seed else evals[v]["best"]["roc_auc"]
             rocs[v] = (fpr, tpr, auc)
+            first = per_seed[f"seed_{first_seed}"]["best"] if per_seed else evals[v]["best"]
+            if first.get("threshold") is not None:
+                points[v] = (1 - first["specificity"], first["sensitivity"])
         bins = read_rows(paths.eval_dir(v) / "calibration.csv", stage_of[v])
         # the ECE printed beside a seed's bins is that seed's, not the mean over seeds
         ece = per_seed[f"seed_{first_seed}"]["best"]["ece"] if per_seed else evals[v]["best"]["ece"]
@@ -302,19 +351,24 @@ def make_plots(params: Params) -> None:
         figures.training_curves(curves, best_epoch, out / "training_curves.png")
         figures.metric_bars(
             {v: {m: evals[v]["best"][m] for m in HEADLINE} for v in scored}, out / "test_metrics.png",
-            f"Test metrics, best epoch on validation ({positive} positive; "
-            f"bars: {params.stats.ci_level:.0%} intervals, exact for proportions)",
+            f"Test metrics, best epoch on validation, at the operating threshold (argmax where none; "
+            f"{positive} positive; bars: {params.stats.ci_level:.0%} intervals, exact for proportions)",
             {v: {m: (evals[v]["best"][m + "_ci"]["low"], evals[v]["best"][m + "_ci"]["high"]) for m in HEADLINE
                  if evals[v]["best"].get(m + "_ci", {}).get("low") is not None} for v in scored})
         figures.confusion_matrices(
             {v: [[evals[v]["best"]["confusion_matrix"][t][p] for p in classes] for t in classes] for v in scored},
             classes, out / "confusion_matrices.png",
-            {v: f"epoch {epochs_text(evals[v], 'best')}, acc {evals[v]['best']['accuracy']:.4f}" for v in scored})
+            {v: f"epoch {epochs_text(evals[v], 'best')}, acc {evals[v]['best']['accuracy']:.4f}" for v in scored},
+            "Test confusion matrices (best epoch on validation; first seed; at the operating threshold, "
+            "the argmax where none)" if any(len(evals[v]["seeds"]) > 1 for v in scored) else
+            "Test confusion matrices (best epoch on validation; at the operating threshold, the argmax where none)")
         if rocs:
-            figures.roc_curves(rocs, positive, out / "roc_curves.png")
+            figures.roc_curves(rocs, positive, out / "roc_curves.png", points)
         figures.reliability(reliability, out / "reliability.png")
+        external = external_section(external_reports(params.external, scored), params.stats.ci_level)
         (out / "summary.md").write_text(summary_table(scored, evals, trains, flops, classes, positive,
-                                                      comparison_md, params.stats.ci_level))
+                                                      comparison_md, params.stats.ci_level)
+                                        + "".join(line + "\n" for line in external))
 
         (out / "data").mkdir()
         epochs_rows = []

@@ -50,6 +50,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         with sync:
             with rt.autocast():
                 logits = model(x)
+            logits = logits.float()  # the loss in fp32 whatever the autocast dtype
             if hasattr(loss_fn, "terms"):
                 terms = loss_fn.terms(logits, y)
             else:
@@ -101,19 +102,23 @@ def diverged(desc: str, loss: float, step: int, steps: int, lr: float) -> str:
 
 @torch.inference_mode()
 def predict(model: nn.Module, loader: DataLoader, rt: Runtime, mean, std,
-            desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+            desc: str | None = None, dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities (N x k, float32) and labels for every image of `loader`, in order.
 
-    Always in float32, whatever `rt`'s mixed precision (which is for training
-    steps only): bf16/fp16 logits round probabilities, create ties that move
-    ROC AUC and thresholds, and make a metric depend on the GPU it ran on.
+    In float32 unless `dtype` asks for autocast, whatever `rt`'s mixed precision
+    (which is for training steps only): bf16/fp16 logits round probabilities,
+    create ties that move ROC AUC and thresholds, and make a metric depend on the
+    hardware it ran on. Only serving (prediction, the page) passes a `dtype`
+    (`runtime.inference_precision`); evaluation, ensembles and validation never do.
     """
     model.eval()
     probs, labels = [], []
+    cast = torch.autocast(rt.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     for images, y in tqdm(loader, desc=desc, unit="batch", leave=False,
                           disable=desc is None or not rt.is_main, mininterval=1):
         x = to_model_input(images, rt.device, mean, std, rt.channels_last)
-        logits = model(x)
+        with cast:
+            logits = model(x)
         probs.append(torch.softmax(logits.float(), dim=1).cpu())
         labels.append(y)
     if not probs:
