@@ -25,7 +25,7 @@ DISPLAY_WIDTH = 256  # px on the page; small training sizes are scaled up
 
 @st.cache_resource(show_spinner="Loading the model...")
 def predictor_for(variant: str) -> Predictor:
-    return variant_predictor(variant)
+    return variant_predictor(variant, precision=load_params().runtime.inference_precision)
 
 
 def show_result(name: str, image: np.ndarray, predictor: Predictor) -> None:
@@ -42,7 +42,7 @@ def show_result(name: str, image: np.ndarray, predictor: Predictor) -> None:
                  caption=f"Grad-CAM: where the model sees {predictor.classes[explained]}")
     with right:
         st.markdown(f"**Decision: {decision}**")
-        st.caption(f"by {predictor.rule}")
+        st.caption(f"by {predictor.rule}; scored in {predictor.precision}")
         for cls, p in zip(predictor.classes, probs):
             st.progress(float(p), text=f"p({cls}) = {p:.3f}")
 
@@ -68,7 +68,7 @@ for upload in uploads or []:
     result = decode(io.BytesIO(upload.getvalue()), predictor.image_size, params.data.max_image_pixels,
                     params.data.min_image_side)
     if isinstance(result, str):
-        st.error(f"{upload.name}: {result}. Upload a PNG, JPEG or TIFF X-ray.")
+        st.error(f"{upload.name}: {result}. Upload a PNG, JPEG, TIFF or DICOM X-ray.")
     else:
         show_result(upload.name, result, predictor)
 

@@ -2,11 +2,15 @@
 
 Both sides run in this process, taking turns in rounds, so that a burst of
 load elsewhere on the machine hits both; the study side runs with torch's
-default global settings, the pipeline side with those its runtime sets.
+default global settings, the pipeline side with those its runtime sets. The
+model step's pipeline side runs twice, in fp32 and in bf16 mixed precision
+(`train.amp` on a CPU or GPU with native bf16; on a CPU without it, emulated
+and slow, measured all the same), so the two precisions' ratio comes from one run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import statistics
@@ -31,6 +35,7 @@ from cxrlab.data.datasets import (
     to_model_input,
 )
 from cxrlab.training.engine import predict, train_one_epoch
+from cxrlab.training.runtime import Runtime, cpu_bf16_native
 
 DATA_VARIANTS = {"baseline": "baseline (no augmentation)", "contrast": "contrast (ColorJitter, CPU)"}
 Log = Callable[[str], None]
@@ -91,13 +96,26 @@ def measure_data(pipe: Pipeline, args, defaults: dict, log: Log) -> dict:
 
 
 # ------------------------------------------------------------ 2. model step
+def precision_runtimes(pipe: Pipeline, cfg) -> dict[str, Runtime]:
+    """The train stage's runtime in fp32 and in bf16 mixed precision (where bf16 can run at all)."""
+    fp32 = dataclasses.replace(pipe.runtime(cfg), amp_dtype=None, scaler=None, amp_asked=False)
+    runtimes = {"fp32": fp32}
+    if fp32.device.type == "cpu" or (fp32.device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        runtimes["bf16"] = dataclasses.replace(fp32, amp_dtype=torch.bfloat16, amp_asked=True)
+    return runtimes
+
+
 def measure_model(pipe: Pipeline, args, defaults: dict, log: Log) -> dict:
-    """Training and evaluation images/s of both sides, in `args.model_rounds` rounds taking turns
-    (so a burst of load elsewhere hits both); each side's images over its total time."""
+    """Training and evaluation images/s of both sides, the pipeline's in fp32 and in bf16, in
+    `args.model_rounds` rounds taking turns (so a burst of load elsewhere hits all); each side's
+    images over its total time."""
     cfg = pipe.params.variant("baseline")
     data, ev = pipe.params.data, pipe.params.evaluate
     seed = cfg.seeds[0]
-    rt = pipe.runtime(cfg)
+    rt = pipe.runtime(cfg)  # what the train stage runs: `train.amp` on this machine
+    stage_precision = "bf16" if rt.amp_dtype == torch.bfloat16 else "fp32"
+    runtimes = precision_runtimes(pipe, cfg)
+    precisions = list(runtimes)
     device = rt.device
     n_classes = len(pipe.classes)
     rounds = args.model_rounds
@@ -114,22 +132,26 @@ def measure_model(pipe: Pipeline, args, defaults: dict, log: Log) -> dict:
                                      data.std, shuffle=False)
     study = StudyRun.build(args.arch, n_classes, device)
 
-    # the pipeline: the train stage's run, entering its first epoch; the evaluate stage's batch size
-    rt = pipe.runtime(cfg)
-    run = pipe.build(cfg, rt, seed)
-    net, trainable = first_epoch_net(run, cfg, rt)
+    # the pipeline: the train stage's run, entering its first epoch, once per precision; evaluate's batch size
+    runs, nets = {}, {}
+    for precision, prt in runtimes.items():
+        runs[precision] = pipe.build(cfg, prt, seed)
+        nets[precision], trainable = first_epoch_net(runs[precision], cfg, prt)
+    run = runs["fp32"]
     test = pipe.test
     subset = Split(test.images[:n_eval], test.labels[:n_eval], test.rows[:n_eval], test.classes)
     eval_batch = eval_batch_size(ev.batch_size, device)
     eval_loader = make_loader(ImageArrayDataset(subset), eval_batch, shuffle=False, seed=0,
                               settings=LoaderSettings(pin_memory=device.type == "cuda"))
 
-    def pipeline_train(batches: int, epoch: int) -> int:
+    def pipeline_train(precision: str, batches: int, epoch: int) -> int:
         pipe.runtime(cfg)
-        set_epoch(run.loader, epoch)
+        r = runs[precision]
+        set_epoch(r.loader, epoch)
         with quiet():
-            stats = train_one_epoch(net, Limited(run.loader, batches), run.optimizer, run.loss_fn, rt, data.mean,
-                                    data.std, n_classes, cfg.accumulate_steps, desc="benchmark")
+            stats = train_one_epoch(nets[precision], Limited(r.loader, batches), r.optimizer, r.loss_fn,
+                                    runtimes[precision], data.mean, data.std, n_classes, cfg.accumulate_steps,
+                                    desc="benchmark")
         return stats["images"]
 
     def study_train(batches: int) -> int:
@@ -137,10 +159,11 @@ def measure_model(pipe: Pipeline, args, defaults: dict, log: Log) -> dict:
         study.model.train()
         return sum(study.train_step(*next(study_batches)) for _ in range(batches))
 
-    def pipeline_eval(batches: int | None = None) -> int:
+    def pipeline_eval(precision: str, batches: int | None = None) -> int:
+        """`predict` as the evaluate stage runs it (fp32) and as predict and the page may (bf16 autocast)."""
         pipe.runtime(cfg)
-        prob, _ = predict(run.model, eval_loader if batches is None else Limited(eval_loader, batches), rt,
-                          data.mean, data.std)
+        prob, _ = predict(run.model, eval_loader if batches is None else Limited(eval_loader, batches),
+                          runtimes["fp32"], data.mean, data.std, dtype=runtimes[precision].amp_dtype)
         return len(prob)
 
     def study_eval(batches: int | None = None) -> int:
@@ -158,20 +181,25 @@ def measure_model(pipe: Pipeline, args, defaults: dict, log: Log) -> dict:
         sync(device)
         return n, time.perf_counter() - start
 
-    log("model: warm-up, one training step and one evaluation batch on each side ...")
+    log(f"model: warm-up, one training step and one evaluation batch on each side ({', '.join(precisions)}) ...")
     study_train(1)
-    pipeline_train(1, 0)
     study_eval(1)
-    pipeline_eval(1)
-    totals = {key: [0, 0.0] for key in ("study_train", "pipeline_train", "study_eval", "pipeline_eval")}
+    for precision in precisions:
+        pipeline_train(precision, 1, 0)
+        pipeline_eval(precision, 1)
+    jobs = [("study_train", study_train, ()), ("study_eval", study_eval, ())]
+    jobs += [(f"{precision}_train", pipeline_train, (precision,)) for precision in precisions]
+    jobs += [(f"{precision}_eval", pipeline_eval, (precision,)) for precision in precisions]
+    totals = {key: [0, 0.0] for key, _, _ in jobs}
     for r in range(rounds):
-        for key, fn, a in (("study_train", study_train, (steps[r],)),
-                           ("pipeline_train", pipeline_train, (steps[r], r + 1)),
-                           ("study_eval", study_eval, ()), ("pipeline_eval", pipeline_eval, ())):
-            if not a or a[0] > 0:
-                n, seconds = timed(fn, *a)
-                totals[key][0] += n
-                totals[key][1] += seconds
+        for key, fn, a in jobs:
+            if key.endswith("_train"):
+                if not steps[r]:
+                    continue
+                a = (*a, steps[r]) + ((r + 1,) if a else ())
+            n, seconds = timed(fn, *a)
+            totals[key][0] += n
+            totals[key][1] += seconds
         log(f"model, round {r + 1}/{rounds}: training {steps[r]} steps, evaluation {n_eval} images per side; "
             + ", ".join(f"{k.replace('_', ' ')} {n / max(t, 1e-9):.2f} img/s" for k, (n, t) in totals.items()))
 
@@ -181,14 +209,23 @@ def measure_model(pipe: Pipeline, args, defaults: dict, log: Log) -> dict:
                 "precision": precision, **extra}
 
     out = {"arch": args.arch, "image_size": args.image_size, "runtime": rt.describe(), "rounds": rounds,
-           "trainable_params": trainable}
-    study_t = side("study_train", STUDY_BATCH, "fp32", steps=sum(steps))
-    pipe_t = side("pipeline_train", cfg.batch_size, rt.describe(), steps=sum(steps),
-                  loader_workers=run.loader.num_workers)
-    study_e = side("study_eval", STUDY_BATCH, "fp32", grad=True)
-    pipe_e = side("pipeline_eval", eval_batch, rt.describe(), grad=False)
-    out["train"] = {"study": study_t, "pipeline": pipe_t, "ratio": pipe_t["images_per_s"] / study_t["images_per_s"]}
-    out["eval"] = {"study": study_e, "pipeline": pipe_e, "ratio": pipe_e["images_per_s"] / study_e["images_per_s"]}
+           "trainable_params": trainable, "stage_precision": stage_precision,
+           "bf16_native": device.type == "cuda" or (device.type == "cpu" and cpu_bf16_native())}
+    for part, batch, extra in (("train", cfg.batch_size, {"steps": sum(steps),
+                                                          "loader_workers": run.loader.num_workers}),
+                               ("eval", eval_batch, {"grad": False})):
+        study = side(f"study_{part}", STUDY_BATCH, "fp32", **({"steps": sum(steps)} if part == "train"
+                                                             else {"grad": True}))
+        result = {"study": study}
+        for precision in precisions:
+            result[precision] = side(f"{precision}_{part}", batch, precision, **extra)
+            result[f"{precision}_ratio"] = result[precision]["images_per_s"] / study["images_per_s"]
+        # `pipeline` is what the stage runs: training in train.amp's precision on this machine, evaluation in fp32
+        result["pipeline"] = result[stage_precision if part == "train" else "fp32"]
+        result["ratio"] = result["pipeline"]["images_per_s"] / study["images_per_s"]
+        if "bf16" in result:
+            result["bf16_vs_fp32"] = result["bf16"]["images_per_s"] / result["fp32"]["images_per_s"]
+        out[part] = result
     return out
 
 

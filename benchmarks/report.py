@@ -24,6 +24,42 @@ def met(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
+def model_table(mo: dict, data: dict | None) -> str:
+    """Part 2: the study's loop, the pipeline in fp32 and in bf16, their ratios; and whether the data path
+    keeps up with the faster training step."""
+    precisions = [p for p in ("fp32", "bf16") if p in mo["train"]]
+    rows = []
+    for key, name in (("train", "training"), ("eval", "evaluation")):
+        r = mo[key]
+        s = r["study"]
+        amount = f"{s['steps']} steps" if key == "train" else f"{s['images']} images"
+        row = [f"{name} ({amount})", f"{s['images_per_s']:.2f}", s["batch"]]
+        row += [f"{r[p]['images_per_s']:.2f}" for p in precisions] + [r[precisions[0]]["batch"]]
+        row += [f"{r[f'{p}_ratio']:.2f}x" for p in precisions]
+        if "bf16_vs_fp32" in r:
+            row.append(f"{r['bf16_vs_fp32']:.2f}x")
+        rows.append(row)
+    header = ["", "study img/s", "batch"] + [f"pipeline {p} img/s" for p in precisions] + ["batch"]
+    header += [f"{p} / study" for p in precisions] + (["bf16 / fp32"] if "bf16" in precisions else [])
+    native = "native" if mo.get("bf16_native") else "EMULATED: this CPU has no native bf16"
+    notes = ["study: its own loader, fp32, Adam lr 1e-4, cross-entropy; evaluation in eval mode WITHOUT "
+             "torch.no_grad",
+             "pipeline: the train stage's run (model, loss, optimiser, freezing phase of epoch 1) through "
+             "cxrlab.training.engine.train_one_epoch (params' batch size) and predict (evaluate.batch_size);",
+             f"bf16 = autocast (fp32 weights, loss and optimiser), {native}; the train stage runs "
+             f"{mo['stage_precision']} here ({mo['runtime']}); evaluate always fp32, predict and the page per "
+             "runtime.inference_precision",
+             f"one warm-up step each side, then {mo['rounds']} rounds taking turns; loaders included; "
+             "images over total time"]
+    baseline = (data or {}).get("baseline")
+    if baseline:
+        fastest = max(mo["train"][p]["images_per_s"] for p in precisions)
+        feed = baseline["pipeline"]["images_per_s"]
+        notes.append(f"data path (part 1, baseline) {feed:.1f} img/s = {feed / fastest:.1f}x the fastest training "
+                     f"step: {'keeps up' if feed >= fastest else 'does NOT keep up'}")
+    return table(f"\n2. Model step: {mo['arch']}, {mo['image_size']} px", header, rows, notes)
+
+
 def report(results: dict, args) -> str:
     m = results["machine"]
     parts = [
@@ -66,22 +102,7 @@ def report(results: dict, args) -> str:
              f"range over the rounds: {ranges}"]))
     mo = results.get("model")
     if mo:
-        rows = []
-        for key, name in (("train", "training"), ("eval", "evaluation")):
-            r = mo[key]
-            s, p = r["study"], r["pipeline"]
-            amount = f"{s['steps']} steps" if key == "train" else f"{s['images']} images"
-            rows.append([f"{name} ({amount})", f"{s['images_per_s']:.2f}", s["batch"], f"{p['images_per_s']:.2f}",
-                         p["batch"], f"{r['ratio']:.2f}x"])
-        parts.append(table(
-            f"\n2. Model step: {mo['arch']}, {mo['image_size']} px; pipeline on {mo['runtime']}",
-            ["", "study img/s", "batch", "pipeline img/s", "batch", "ratio"], rows,
-            ["study: its own loader, fp32, Adam lr 1e-4, cross-entropy; evaluation in eval mode WITHOUT "
-             "torch.no_grad",
-             "pipeline: the train stage's run (model, loss, optimiser, freezing phase of epoch 1) through "
-             "cxrlab.training.engine.train_one_epoch (params' batch size) and predict (evaluate.batch_size);",
-             f"one warm-up step each side, then {mo['rounds']} rounds taking turns; loaders included; "
-             "images over total time"]))
+        parts.append(model_table(mo, results.get("data")))
     pr = results.get("prepare")
     if pr:
         n = pr["images"]

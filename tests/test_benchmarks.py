@@ -36,6 +36,10 @@ def test_prints_both_sides_and_ratios(bench):
         assert line is not None, f"no row {row!r} in:\n{text}"
         # study img/s ... pipeline img/s ... ratio
         assert len(re.findall(NUMBER, line)) >= 4 and re.search(rf"{NUMBER}x", line), line
+    for row in ("training (", "evaluation ("):  # study, fp32 and bf16 img/s; fp32/study, bf16/study, bf16/fp32
+        line = next(ln for ln in text.splitlines() if ln.startswith(row))
+        assert len(re.findall(rf"{NUMBER}x", line)) == 3, line
+    assert "bf16 / fp32" in text and re.search(r"data path \(part 1, baseline\) .* training step: ", text)
     for heading in ("1. Data path alone", "2. Model step", "3. Preparing the data", "4. Peak RSS"):
         assert heading in text
     assert re.search(rf"^split \+ prepare\s+{NUMBER}", text, re.M)
@@ -51,9 +55,17 @@ def test_json_holds_every_number_and_the_machine(bench):
         assert r["ratio"] == pytest.approx(r["pipeline"]["images_per_s"] / r["study"]["images_per_s"])
         assert r["ratio_per_core"] == pytest.approx(
             r["pipeline"]["images_per_s_per_core"] / r["study"]["images_per_s_per_core"])
+    model = results["model"]
     for part in ("train", "eval"):
-        r = results["model"][part]
+        r = model[part]
         assert r["ratio"] == pytest.approx(r["pipeline"]["images_per_s"] / r["study"]["images_per_s"])
+        # fp32 and bf16 measured in the same run, side by side (on the CPU bf16 runs even where emulated)
+        assert (r["fp32"]["precision"], r["bf16"]["precision"]) == ("fp32", "bf16")
+        assert r["bf16_vs_fp32"] == pytest.approx(r["bf16"]["images_per_s"] / r["fp32"]["images_per_s"])
+    # the pipeline row is what the stages run: training in train.amp's precision here, evaluation in fp32
+    assert model["train"]["pipeline"] == model["train"][model["stage_precision"]]
+    assert model["eval"]["pipeline"] == model["eval"]["fp32"]
+    assert (model["stage_precision"] == "bf16") == ("bf16 mixed" in model["runtime"])
     assert set(results["prepare"]["seconds"]) == {"download", "split", "prepare", "preprocess"}
     assert results["prepare"]["counts"] == {"Healthy": 33, "TB": 7}
     assert results["memory"]["peak_rss_gib"] > 0 and results["memory"]["train_images"] == 33

@@ -173,7 +173,10 @@ def test_resume_continues_each_fold_from_its_own_state(folded, tmp_path, monkeyp
     out = capsys.readouterr().out
     assert "train baseline seed 42 fold_1: resuming after epoch 1" in out
     assert "baseline seed 42 fold_1 epoch 1/2" not in out and "baseline seed 42 fold_1 epoch 2/2" in out
-    assert "fold_0: runtime.resume is on but there is no interrupted run" in out  # each fold its own state
+    # each fold its own state: fold_0 completed before the interruption and is kept, fold_2 never started
+    assert "train baseline seed 42 fold_0: finished before the interruption" in out
+    assert "baseline seed 42 fold_0 epoch" not in out
+    assert "fold_2: runtime.resume is on but there is no interrupted run" in out
     assert not (project / paths.TRAIN_STATE).exists()
     runs = json.loads((project / "metrics/train/baseline/report.json").read_text())["seeds"]["seed_42"]["folds"]
     assert [r["epochs_trained"] for r in runs.values()] == [2] * K

@@ -5,6 +5,7 @@ and the pipeline on real chest X-rays when ../shared/data/tb-cxr-mini is present
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 import sys
@@ -26,13 +27,14 @@ def ran_stages(output: str) -> set[str]:
 def test_repro_runs_every_stage_and_writes_every_output(reproduced):
     project, output = reproduced
     expected = {"download", "split", "prepare", "preprocess", "compare", "flops", "plots"}
-    expected |= {f"{s}@{v}" for s in ("train", "evaluate", "explain") for v in VARIANTS} | {f"ensemble@{ENSEMBLE}"}
+    expected |= {f"{s}@{v}" for s in ("train", "evaluate", "explain", "card", "export") for v in VARIANTS}
+    expected |= {f"ensemble@{ENSEMBLE}"}
     assert ran_stages(output) == expected
 
     outputs = declared_outputs(project)
-    # download 1, split 3, prepare 1, preprocess 1, train 4, evaluate 8 and explain 2 per variant,
-    # ensemble 8, compare 3, flops 2, plots 1
-    assert len(outputs) == 6 + 5 * (4 + 8 + 2) + 8 + 6
+    # download 1, split 3, prepare 1, preprocess 1, train 4, evaluate 8, explain 2, card 1 and export 1 per
+    # variant, ensemble 8, compare 3, flops 2, plots 1 (no external set: no external stage)
+    assert len(outputs) == 6 + 5 * (4 + 8 + 2 + 1 + 1) + 8 + 6
     for path in outputs:
         assert path.exists(), path
     for v in VARIANTS:
@@ -59,6 +61,19 @@ def test_runtime_knobs_rerun_nothing(reproduced):
         assert "Data and pipelines are up to date" in dvc("status", cwd=project).stdout
     finally:
         params.write_text(before)
+
+
+def test_a_forced_rerun_leaves_its_outputs_linked_to_the_cache(reproduced):
+    """`dvc repro -f` of a stage whose outputs are already in the cache links its new files to the cache
+    (.dvc/config: cache.type hardlink; with hardlink,copy DVC 3 keeps them as copies, treeverse/dvc#10549)."""
+    project, _ = reproduced
+    dvc("repro", "-f", "-s", "split", cwd=project)
+    files = list((project / "data" / "split").iterdir())  # a directory output, the case DVC left as copies
+    cache = project / ".dvc" / "cache" / "files" / "md5"
+    digests = {f: hashlib.md5(f.read_bytes()).hexdigest() for f in files}  # DVC's name for each in its cache
+    linked = {f.name: f.stat().st_ino == (cache / d[:2] / d[2:]).stat().st_ino for f, d in digests.items()}
+    assert linked and all(linked.values()), linked
+    assert "Data and pipelines are up to date" in dvc("status", cwd=project).stdout
 
 
 def test_metrics_are_complete_and_in_range(reproduced):
@@ -155,7 +170,7 @@ def test_experiment_on_one_variant_reruns_only_it(experimented):
     project, output = experimented
     # no other variant trains or evaluates again; the ensemble (which depends on all of models/), compare,
     # flops and plots (seconds) read every variant
-    assert ran_stages(output) == {"train@contrast", "evaluate@contrast", "explain@contrast",
+    assert ran_stages(output) == {"train@contrast", "evaluate@contrast", "explain@contrast", "card@contrast",
                                   f"ensemble@{ENSEMBLE}", "compare", "flops", "plots"}
 
     diff = dvc("metrics", "diff", cwd=project).stdout  # what changed against HEAD

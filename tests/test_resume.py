@@ -20,6 +20,17 @@ pytestmark = pytest.mark.slow  # every test trains (the module's project)
 
 VARIANT = "contrast"  # augments in loader workers: the hardest case to repeat
 
+# The train stage with bf16 autocast on the CPU whether or not this CPU has it natively (emulated
+# bf16 is slow but computes the same way): the resume guarantee must hold in the precision
+# `train.amp: true` gives on AMX or AVX-512-BF16 machines, and this test runs on any CI machine.
+TRAIN_BF16 = [sys.executable, "-c", """
+import runpy, sys
+import cxrlab.training.runtime as runtime
+runtime.cpu_bf16_native = lambda: True
+sys.argv = ["stages.train", sys.argv[1]]
+runpy.run_module("stages.train", run_name="__main__")
+""", VARIANT]
+
 
 def outputs(project: Path) -> dict:
     """Weights of both checkpoints, the summary, and every logged curve but speed and time."""
@@ -46,7 +57,7 @@ def assert_same(a: dict, b: dict) -> None:
 
 def kill_during_epoch(project: Path, epoch: int) -> None:
     """Start training and SIGKILL it once epoch `epoch` has begun."""
-    proc = subprocess.Popen([sys.executable, "-m", "stages.train", VARIANT], cwd=project, env=env(),
+    proc = subprocess.Popen(TRAIN_BF16, cwd=project, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     seen = []
     for line in proc.stdout:
@@ -64,7 +75,9 @@ def project(tmp_path_factory):
 
 
 def test_kill_then_resume_equals_an_uninterrupted_run(project):
-    run([sys.executable, "-m", "stages.train", VARIANT], cwd=project)
+    """In bf16 mixed precision on the CPU (train.amp: true), as on an AMX machine."""
+    log = run(TRAIN_BF16, cwd=project).stdout
+    assert "on cpu, bf16 mixed (CPU" in log
     uninterrupted = outputs(project)
     for folder in ("models", "metrics/train"):
         run(["rm", "-rf", f"{folder}/{VARIANT}"], cwd=project)
@@ -78,8 +91,8 @@ def test_kill_then_resume_equals_an_uninterrupted_run(project):
     assert not (state / "last.pt").exists()  # published checkpoints are written only on completion
 
     set_params(project / "params.yaml", {"runtime.resume": True})
-    log = run([sys.executable, "-m", "stages.train", VARIANT], cwd=project).stdout
-    assert "resuming after epoch 2" in log and "epoch 1/3" not in log
+    log = run(TRAIN_BF16, cwd=project).stdout
+    assert "resuming after epoch 2" in log and "epoch 1/3" not in log and "bf16 mixed" in log
     assert_same(outputs(project), uninterrupted)
     assert not (project / ".train-state").exists()  # the resume file goes when the run completes
 
@@ -138,3 +151,41 @@ def test_a_stage_whose_params_change_while_it_runs_records_nothing(project):
     assert "train baseline seed 42:" in proc.stdout and "ETA" not in proc.stdout  # stopped at epoch 1's first write
     assert not (project / "models/baseline").exists()
     assert not (project / "metrics/train/baseline").exists()
+
+
+def test_resume_keeps_a_seed_that_finished_before_the_interruption(project, monkeypatch, capsys):
+    """Interrupted while its second seed trains, the stage resumed trains only that seed: the first one's
+    checkpoints stay the very files it published, and the summary still holds both. (In process, to spare two
+    Python starts: an exception leaves what a kill leaves, as test_kill_then_resume... shows with a kill.)"""
+    import cxrlab.training.loop as loop
+    from stages import train
+
+    set_params(project / "params.yaml", {"runtime.resume": False, "runtime.num_workers": 0, "train.epochs": 1,
+                                         "train.seeds": [42, 43]})
+    monkeypatch.chdir(project)
+    train_run = loop.train_run
+
+    def interrupted_at_seed_43(variant, cfg, seed, *args, **kwargs):
+        if seed == 43:
+            raise KeyboardInterrupt  # seed 42 is published, seed 43 starts
+        return train_run(variant, cfg, seed, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_run", interrupted_at_seed_43)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([VARIANT])
+    first = project / "models" / VARIANT / "seed_42" / "best.pt"
+    published = first.stat()
+    assert not (project / "models" / VARIANT / "seed_43").exists()
+
+    monkeypatch.setattr(loop, "train_run", train_run)
+    set_params(project / "params.yaml", {"runtime.resume": True})
+    capsys.readouterr()
+    train.main([VARIANT])
+    log = capsys.readouterr().out
+    assert f"train {VARIANT} seed 42: finished before the interruption" in log, log
+    assert f"{VARIANT} seed 42 epoch" not in log and f"{VARIANT} seed 43 epoch 1/1" in log, log
+    assert (first.stat().st_ino, first.stat().st_mtime_ns) == (published.st_ino, published.st_mtime_ns)
+    report = json.loads((project / "metrics/train" / VARIANT / "report.json").read_text())
+    assert set(report["seeds"]) == {"seed_42", "seed_43"} and report["seeds"]["seed_42"]["epochs_trained"] == 1
+    assert not (project / ".train-state" / VARIANT).exists()  # the records of finished runs go with the stage
+    set_params(project / "params.yaml", {"train.seeds": [42], "runtime.num_workers": 2})

@@ -46,7 +46,7 @@ def test_a_local_source_keeps_its_files_mode_and_inode_through_dvc_repro(project
     before = {p: os.stat(p) for p in files}
     set_params(project / "params.yaml", {"data.source": str(src)})
     git_repo(project)
-    dvc("repro", "download", cwd=project)  # with the project's cache.type: hardlink,copy
+    dvc("repro", "download", cwd=project)  # with the project's cache.type: hardlink
     assert raw_files(project) == DATASET
     cached = {(st.st_dev, st.st_ino) for st in map(os.stat, (project / ".dvc" / "cache").rglob("*")) if
               stat.S_ISREG(st.st_mode)}

@@ -7,6 +7,7 @@ variants is `cxrlab.config.load`; the wording of errors is `cxrlab.config.errors
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -21,6 +22,7 @@ from pydantic import (
 )
 
 from cxrlab.config.errors import did_you_mean
+from cxrlab.config.names import classes_problem
 from cxrlab.model.architectures import ARCHITECTURES
 
 # torchvision.transforms.v2 classes usable as training augmentations: they
@@ -50,7 +52,8 @@ AUGMENTATIONS = (
 )
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: YAML's .nan and .inf are refused in every float of every section
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _count_or_auto(value: Union[int, str], info: ValidationInfo) -> Union[int, str]:
@@ -106,19 +109,8 @@ class DataParams(_Section):
     @field_validator("classes")
     @classmethod
     def _folders_distinct(cls, classes: Union[dict[str, str], list[str], str]):
-        if classes == "auto":
-            return classes
-        if len(classes) < 2:
-            raise ValueError("name at least two classes, or use auto")
-        if isinstance(classes, list) and len({Path(str(f).strip("/")).name for f in classes}) != len(classes):
-            raise ValueError("two folders of the list have the same name; use {class: folder} to name them")
-        spec = classes if isinstance(classes, dict) else {str(f).strip("/"): f for f in classes}
-        for name, folder in spec.items():
-            if not str(folder).strip("/"):
-                raise ValueError(f"class {name!r} has an empty folder name")
-        folders = [f.strip("/") for f in spec.values()]
-        if len(set(folders)) != len(folders):
-            raise ValueError("two classes point at the same folder")
+        if classes != "auto" and (why := classes_problem(classes)):
+            raise ValueError(why)
         return classes
 
     @field_validator("group_by")
@@ -280,7 +272,11 @@ class TrainParams(_Section):
     @field_validator("augment")
     @classmethod
     def _known_augmentations(cls, augment: dict) -> dict:
-        for name in augment:
+        for name, kwargs in augment.items():
+            try:  # JSON has no nan or inf: a quick check of every number, however deeply nested
+                json.dumps(kwargs, allow_nan=False, default=str)
+            except ValueError:
+                raise ValueError(f"{name}: every number must be finite, not nan or inf") from None
             if name not in AUGMENTATIONS:
                 raise ValueError(f"unknown augmentation {name!r}{did_you_mean(name, AUGMENTATIONS)}; "
                                  f"use a torchvision.transforms.v2 name: {', '.join(AUGMENTATIONS)}")
@@ -306,6 +302,7 @@ class RuntimeParams(_Section):
     nodes: int = Field(ge=1)
     rendezvous: Optional[str]
     resume: bool
+    inference_precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     @field_validator("device")
     @classmethod
@@ -371,9 +368,36 @@ class EnsembleParams(_Section):
         if len(set(members)) != len(members):
             raise ValueError("members must be distinct variants")
         return members
+class ExternalSetParams(_Section):
+    """One external test set (`external.<name>`): scored by every model, never trained, tuned or split on."""
+
+    source: str = Field(min_length=1)  # as data.source: demo, kaggle:<owner>/<dataset>, an http(s) archive, a path
+    # The one default of the schema: a set is added on the command line in one short -S line
+    # (`+external.x={source: ..., classes: auto}`), so an absent sha256 means "not checked", as null does.
+    sha256: Optional[str] = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+    # auto: each training class's folder found by its class or training folder name, case-insensitively;
+    # or {class: folder} naming the folder of every training class (as data.classes)
+    classes: Union[Literal["auto"], dict[str, str]]
+
+    @field_validator("classes")
+    @classmethod
+    def _folders_named(cls, classes):
+        if isinstance(classes, dict) and any(not str(f).strip("/") for f in classes.values()):
+            raise ValueError("every class needs a folder name")
+        return classes
+
+
+EXTERNAL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
 class ExplainParams(_Section):
     checkpoint: Literal["best", "last"]
     per_group: int = Field(ge=1, le=16)
+
+
+class ExportParams(_Section):
+    # 13: Softmax over one axis (older opsets flatten); 20: the TorchScript exporter's newest
+    opset: int = Field(ge=13, le=20)
 
 
 class _ParamsFile(_Section):
@@ -386,6 +410,18 @@ class _ParamsFile(_Section):
     compare: CompareParams
     ensembles: dict[str, EnsembleParams]
     explain: ExplainParams
+    external: dict[str, ExternalSetParams]
+
+    @field_validator("external")
+    @classmethod
+    def _external_names(cls, sets: dict) -> dict:
+        for name in sets:
+            if not EXTERNAL_NAME.fullmatch(name):
+                raise ValueError(f"external set name {name!r}: use letters, digits and _ (a letter first); "
+                                 "it names a folder and a DVC stage")
+        return sets
+
+    export: ExportParams
 
     @model_validator(mode="after")
     def _reference_is_a_variant(self) -> "_ParamsFile":

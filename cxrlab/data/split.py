@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 import os
 from decimal import Decimal
+from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
@@ -44,7 +45,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from cxrlab import paths
 from cxrlab.config.schema import DataParams
 from cxrlab.data.groups import apportion, groups_of
-from cxrlab.data.images import check_images
+from cxrlab.data.images import IMAGE_SUFFIXES, check_images
 from cxrlab.data.layout import ClassFolder, find_class_folders, list_class
 from cxrlab.errors import UserError
 from cxrlab.io.fsio import atomic_dir, check_writable, write_json
@@ -249,6 +250,7 @@ def split_dataset(data: DataParams) -> None:
     test_names, val_names = choose_test_and_val(classes, data, groups)
     test_rows, train_rows = [], []
     report: dict = {"classes": {}, "ignored_files": 0, "bad_images": len(bad), "bad_image_files": bad}
+    ignored: dict[str, int] = {}  # files in class folders that are not images, by suffix
     for cls in classes:
         name, folder = cls.name, cls.folder
         val_fraction = 0.0 if data.folds else data.val_fraction  # folds replace the hold-out
@@ -258,8 +260,14 @@ def split_dataset(data: DataParams) -> None:
         train_rows += train
         report["classes"][name] = {"folder": folder.relative_to(paths.RAW).as_posix(), **entry}
         report["ignored_files"] += len(cls.ignored)
-        if cls.ignored:
-            print(f"split: {name}: ignored {len(cls.ignored)} non-image files, e.g. {cls.ignored[0]!r}")
+        for file in cls.ignored:
+            suffix = "hidden" if file.startswith(".") else (Path(file).suffix.lower() or "no suffix")
+            ignored[suffix] = ignored.get(suffix, 0) + 1
+    report["ignored_by_suffix"] = dict(sorted(ignored.items(), key=lambda kv: (-kv[1], kv[0])))
+    if ignored:  # said once: a .dcm or .gif left out silently would look like a missing image
+        print(f"split: ignored {report['ignored_files']} files in the class folders that are not read as images ("
+              + ", ".join(f"{k} {n}" for k, n in report["ignored_by_suffix"].items())
+              + f"); read are {', '.join(sorted(IMAGE_SUFFIXES))}")
 
     report["total"] = {
         "test": len(test_rows),

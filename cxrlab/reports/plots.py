@@ -33,6 +33,7 @@ from cxrlab.errors import UserError
 from cxrlab.io.fsio import atomic_dir, read_json
 from cxrlab.io.records import read_rows
 from cxrlab.reports import figures
+from cxrlab.reports.external_table import external_reports, external_section
 
 # The published results (test-picked epoch), shown beside ours on TBX11K's test set.
 STUDY_PUBLISHED = {
@@ -364,8 +365,10 @@ def make_plots(params: Params) -> None:
         if rocs:
             figures.roc_curves(rocs, positive, out / "roc_curves.png", points)
         figures.reliability(reliability, out / "reliability.png")
+        external = external_section(external_reports(params.external, scored), params.stats.ci_level)
         (out / "summary.md").write_text(summary_table(scored, evals, trains, flops, classes, positive,
-                                                      comparison_md, params.stats.ci_level))
+                                                      comparison_md, params.stats.ci_level)
+                                        + "".join(line + "\n" for line in external))
 
         (out / "data").mkdir()
         epochs_rows = []

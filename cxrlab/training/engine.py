@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cxrlab.data.datasets import to_model_input
+from cxrlab.errors import UserError
 from cxrlab.evaluation.stats import metrics_from_confusion
 from cxrlab.model.freezing import train_mode
 from cxrlab.model.losses import total
@@ -49,11 +50,14 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         with sync:
             with rt.autocast():
                 logits = model(x)
+            logits = logits.float()  # the loss in fp32 whatever the autocast dtype
             if hasattr(loss_fn, "terms"):
                 terms = loss_fn.terms(logits, y)
             else:
                 terms = {"cross_entropy": loss_fn(logits, y)}
             loss = total(terms)
+            if not torch.isfinite(loss):  # one sync per step, small next to the step: a NaN must stop the run now
+                raise UserError(diverged(desc, loss.item(), step, steps, optimizer.param_groups[0]["lr"]))
             scaled = loss / accumulate_steps
             (rt.scaler.scale(scaled) if rt.scaler else scaled).backward()
         if boundary:
@@ -89,21 +93,32 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             "images": n, "seconds": seconds, "images_per_s": n / max(seconds, 1e-9)}
 
 
+def diverged(desc: str, loss: float, step: int, steps: int, lr: float) -> str:
+    """What a run whose training loss became nan or inf was doing, and what to try."""
+    return (f"{desc}: the training loss became {loss} at batch {step + 1} of {steps}, at lr {lr:.3g}: the run "
+            "diverged and was stopped; nothing of it was published. Try a lower train.lr (e.g. "
+            f"{lr / 10:.3g}), a warmup (train.scheduler: warmup_cosine), or train.amp: false")
+
+
 @torch.inference_mode()
 def predict(model: nn.Module, loader: DataLoader, rt: Runtime, mean, std,
-            desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+            desc: str | None = None, dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities (N x k, float32) and labels for every image of `loader`, in order.
 
-    Always in float32, whatever `rt`'s mixed precision (which is for training
-    steps only): bf16/fp16 logits round probabilities, create ties that move
-    ROC AUC and thresholds, and make a metric depend on the GPU it ran on.
+    In float32 unless `dtype` asks for autocast, whatever `rt`'s mixed precision
+    (which is for training steps only): bf16/fp16 logits round probabilities,
+    create ties that move ROC AUC and thresholds, and make a metric depend on the
+    hardware it ran on. Only serving (prediction, the page) passes a `dtype`
+    (`runtime.inference_precision`); evaluation, ensembles and validation never do.
     """
     model.eval()
     probs, labels = [], []
+    cast = torch.autocast(rt.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     for images, y in tqdm(loader, desc=desc, unit="batch", leave=False,
                           disable=desc is None or not rt.is_main, mininterval=1):
         x = to_model_input(images, rt.device, mean, std, rt.channels_last)
-        logits = model(x)
+        with cast:
+            logits = model(x)
         probs.append(torch.softmax(logits.float(), dim=1).cpu())
         labels.append(y)
     if not probs:
