@@ -122,7 +122,7 @@ def test_predict_and_explain_use_the_fold_mean_evaluate_scored(folded, monkeypat
     from stages import explain
 
     monkeypatch.chdir(folded)
-    predict.main(["--variant", "baseline", "data/dataset/test", "--out", "preds.csv"])
+    predict.main(["--variant", "baseline", "--precision", "fp32", "data/dataset/test", "--out", "preds.csv"])
     out = capsys.readouterr().out
     assert f"the mean of the {K} fold models' probabilities" in out and "p(TB) >= " in out
     mine = {r["file"].rsplit("/", 1)[-1]: r for r in read_csv(folded / "preds.csv")}
