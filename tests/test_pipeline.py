@@ -101,7 +101,8 @@ def test_metrics_are_complete_and_in_range(reproduced):
         headline = json.loads((project / "metrics/evaluate" / v / "metrics.json").read_text())
         assert headline[v]["f1"] == m["best"]["f1"]  # keyed by variant: short, unique dvc exp show columns
         assert headline[v]["roc_auc_low"] == m["best"]["roc_auc_ci"]["low"]
-        assert headline[v]["threshold"] == m["best"]["threshold"] == op["thresholds"]["seed_42"] is not None
+        best_op = m["best"]["operating_point"]
+        assert headline[v]["threshold"] == m["best"]["threshold"] == best_op["thresholds"]["seed_42"]
         # one decision rule: the headline is the operating point's, the argmax a secondary view
         assert headline[v]["sensitivity"] == m["best"]["operating_point"]["test"]["sensitivity"]
         assert headline[v]["sensitivity_low"] == m["best"]["operating_point"]["test"]["sensitivity_ci"]["low"]
