@@ -29,10 +29,17 @@ def scored(project, monkeypatch, images):
 
 
 def demo_images(project, size):
-    from cxrlab.serving.predict import decode_all, image_files
+    return decode_folder(project / "data/dataset", size)
 
-    images, kept, _ = decode_all(image_files([str(project / "data/dataset")]), size, 50_000_000, 32)
-    return images, kept
+
+def decode_folder(folder, size):
+    """The images under `folder` as the prediction command decodes them, and their files."""
+    from cxrlab.serving.predict import decode, image_files
+
+    files = image_files([str(folder)])
+    images = [decode(f, size, 50_000_000, 32) for f in files]
+    kept = [f for f, i in zip(files, images) if not isinstance(i, str)]
+    return np.stack([i for i in images if not isinstance(i, str)]), kept
 
 
 def decode_one(path, size):
@@ -81,11 +88,9 @@ def test_onnx_matches_pytorch_on_the_demo_images(reproduced, monkeypatch):
 @pytest.mark.skipif(not MINI.is_dir(), reason="../shared/data/tb-cxr-mini is not present")
 def test_onnx_matches_pytorch_on_real_chest_xrays(reproduced, monkeypatch):
     """The same on the 120 real X-rays of tb-cxr-mini (the quick start's model: only the numbers matter)."""
-    from cxrlab.serving.predict import decode_all, image_files
-
     project, _ = reproduced
     size = json.loads((project / "exports/baseline/seed_42.json").read_text())["image_size"]
-    images, kept, _ = decode_all(image_files([str(MINI)]), size, 50_000_000, 32)
+    images, kept = decode_folder(MINI, size)
     p_onnx, p_torch, _, _ = scored(project, monkeypatch, images)
     diff = float(np.abs(p_onnx - p_torch).max())
     print(f"max |p_onnx - p_torch| over {len(kept)} tb-cxr-mini images: {diff:.2e}")
