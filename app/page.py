@@ -18,7 +18,7 @@ from cxrlab.config.load import load_params
 from cxrlab.data.images import IMAGE_SUFFIXES
 from cxrlab.explain.cam import overlay
 from cxrlab.serving.predict import Predictor, decode, variant_predictor
-from cxrlab.serving.webapp import metrics_table, trained_variants
+from cxrlab.serving.webapp import class_names, metrics_table, page_title, trained_variants
 
 DISPLAY_WIDTH = 256  # px on the page; small training sizes are scaled up
 
@@ -49,7 +49,7 @@ def show_result(name: str, image: np.ndarray, predictor: Predictor) -> None:
 
 params = load_params()
 st.set_page_config(page_title="Chest X-ray classifier", layout="wide")
-st.title(f"Chest X-ray: {' or '.join(params.data.classes)}?")
+st.title(page_title(class_names(params)))
 st.caption("A research model trained by this pipeline, not a medical device.")
 
 variants = trained_variants(params)
@@ -68,7 +68,7 @@ for upload in uploads or []:
     result = decode(io.BytesIO(upload.getvalue()), predictor.image_size, params.data.max_image_pixels,
                     params.data.min_image_side)
     if isinstance(result, str):
-        st.error(f"{upload.name}: {result}. Upload a PNG, JPEG or TIFF X-ray.")
+        st.error(f"{upload.name}: {result}. Upload a PNG, JPEG, TIFF or DICOM X-ray.")
     else:
         show_result(upload.name, result, predictor)
 

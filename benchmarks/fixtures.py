@@ -27,9 +27,10 @@ from PIL import Image
 from cxrlab.data.synthetic import TBX11K_LIKE, make_dataset, make_image
 
 ROOT = Path(__file__).resolve().parents[1]
-# What a project needs to run: code, pipeline and DVC settings; no data, models or outputs.
+# What a project needs to run: code, pipeline and DVC settings; no data, models or outputs
+# (metrics/external/README.md keeps that folder, a dependency, in git when no external set is configured).
 PROJECT_FILES = ("stages", "cxrlab", "app", "studies", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/plots",
-                 ".dvcignore", ".gitignore")
+                 ".dvcignore", ".gitignore", "metrics/external/README.md")
 # TBX11K's healthy and TB images; N benchmark images keep this ratio.
 TBX11K_COUNTS = {"Healthy": 3800, "TB": 800}
 LAYOUT = TBX11K_LIKE  # class -> (folder, file prefix), as in TBX11K

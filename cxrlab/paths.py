@@ -24,15 +24,17 @@ COMPARISON_REPORT = METRICS / "comparison_report.json"
 COMPARISON_TABLE = METRICS / "comparison.md"
 PLOTS = Path("plots")
 EXPLANATIONS = Path("explanations")  # explain: <variant>/gallery.png, gallery.csv
+EXPORTS = Path("exports")  # export: <variant>/seed_<seed>.onnx + seed_<seed>.json (its contract)
 TRAIN_STATE = Path(".train-state")  # train: runs in progress (not a DVC output)
 
 
-def served_checkpoint(variant: str, seed: int, which: str) -> Path:
-    """The one checkpoint predict, the page and explain load: the seed's, or with data.folds fold 0's
-    (they say so: a single fold model, not the mean of the k that evaluate scores)."""
+def served_checkpoints(variant: str, seed: int, which: str) -> list[Path]:
+    """The checkpoints predict, the page and explain load: the seed's one, or with data.folds each fold's
+    (their mean probability is the model, as evaluate scores it)."""
     path = checkpoint(variant, seed, which)
-    fold_0 = checkpoint(variant, seed, which, 0)
-    return fold_0 if not path.is_file() and fold_0.is_file() else path
+    folds = sorted((MODELS / variant / f"seed_{seed}").glob(f"fold_*/{which}.pt"),
+                   key=lambda p: int(p.parent.name.split("_")[1]))
+    return folds if not path.is_file() and folds else [path]
 
 
 def model_dir(variant: str) -> Path:
@@ -74,6 +76,13 @@ def train_state(variant: str, seed: int, fold: int | None = None) -> Path:
     return _fold(TRAIN_STATE / variant / f"seed_{seed}", fold)
 
 
+def finished_record(variant: str, seed: int, fold: int | None = None) -> Path:
+    """A run of an unfinished train stage that did complete: its summary and fingerprint, so that
+    `runtime.resume` keeps it rather than training it again. Removed when the stage completes."""
+    name = f"seed_{seed}" + (f"_fold_{fold}" if fold is not None else "")
+    return TRAIN_STATE / variant / "finished" / f"{name}.json"
+
+
 def eval_dir(variant: str) -> Path:
     """A variant's test results: metrics.json (headline), report.json, predictions.csv, plots/sklearn/*.json."""
     return METRICS / "evaluate" / variant
@@ -82,3 +91,21 @@ def eval_dir(variant: str) -> Path:
 def explain_dir(variant: str) -> Path:
     """A variant's Grad-CAM gallery over test images: gallery.png and gallery.csv."""
     return EXPLANATIONS / variant
+
+
+EXTERNAL_DATA = DATA / "external"  # external_data@<set>: images.npy, images.csv, meta.json
+EXTERNAL = METRICS / "external"  # external@<model>-<set>: <set>/<model>/ as evaluate's, plus roc.csv
+CARDS = Path("cards")  # card@<variant>: <variant>.md
+
+
+def external_data(name: str) -> Path:
+    """An external test set, preprocessed like the internal one (never split)."""
+    return EXTERNAL_DATA / name
+
+
+def external_dir(name: str, model: str) -> Path:
+    """A model's (variant's or ensemble's) results on external set `name`."""
+    return EXTERNAL / name / model
+def export_dir(variant: str) -> Path:
+    """A variant's deployable models: seed_<seed>.onnx, each with its preprocessing contract seed_<seed>.json."""
+    return EXPORTS / variant

@@ -112,6 +112,12 @@ def stage(module: str, *args: str, cwd: Path, check: bool = False,
     return run([sys.executable, "-m", target, *args], cwd=cwd, check=check, extra_env=env)
 
 
+def written(folder: Path) -> list[Path]:
+    """The files a run left under `folder`, beside the one the repository keeps there (metrics/external/README.md,
+    so that the external results' folder exists as a dependency)."""
+    return [p for p in folder.rglob("*") if p.is_file() and p.name != "README.md"] if folder.exists() else []
+
+
 def git_repo(path: Path) -> None:
     """Make `path` a git repository with one commit (CI may have no git identity)."""
     for cmd in (["git", "init", "-q"], ["git", "config", "user.name", "Test"],
@@ -148,18 +154,21 @@ def prepared_project(root: Path, n_per_class: int = 20, **changes) -> Path:
 
 
 def run_pipeline(project: Path, monkeypatch, explain: bool = False) -> dict:
-    """Every stage of dvc.yaml (explain only if asked), in order, in this process, in `project`; returns the
-    params used. Spares a Python and torch start per stage; DVC's own run is the quick start's (`reproduced`)."""
-    from stages import compare, download, ensemble, evaluate, flops, plots, prepare, preprocess, split, train
+    """Every stage of dvc.yaml (explain and export only if asked), in order, in this process, in `project`;
+    returns the params used. Spares a Python and torch start per stage; DVC's own run is the quick start's
+    (`reproduced`)."""
+    from stages import card, compare, download, ensemble, evaluate, flops, plots, prepare, preprocess, split, train
     from stages import explain as explain_stage
+    from stages import export as export_stage
 
     monkeypatch.chdir(project)
     params = yaml.safe_load((project / "params.yaml").read_text())
-    per_variant = (train, evaluate, explain_stage) if explain else (train, evaluate)
+    per_variant = (train, evaluate, explain_stage, export_stage) if explain else (train, evaluate)
     steps = [(stage.main, []) for stage in (download, split, prepare, preprocess)]
     steps += [(stage.main, [v]) for v in params["experiments"] for stage in per_variant]
     steps += [(ensemble.main, [name]) for name in params["ensembles"]]
     steps += [(stage.main, []) for stage in (compare, flops, plots)]
+    steps += [(card.main, [v]) for v in params["experiments"]]
     for main, args in steps:
         started = time.perf_counter()
         main(args)

@@ -32,7 +32,7 @@ def pneumonia_project(tmp_path, classes) -> tuple:
 
 
 @pytest.mark.slow
-def test_auto_classes_name_every_output_and_no_stage_warns(tmp_path):
+def test_auto_classes_name_every_output_and_no_stage_warns(tmp_path, monkeypatch):
     project = pneumonia_project(tmp_path, "auto")
     printed = ""
     for module, *args in STAGES:
@@ -47,6 +47,11 @@ def test_auto_classes_name_every_output_and_no_stage_warns(tmp_path):
     assert set(m["best"]["per_class"]["recall"]) == {"NORMAL", "PNEUMONIA"}
     assert "prob_PNEUMONIA" in (project / "explanations/baseline/gallery.csv").read_text()
     assert "PNEUMONIA" in (project / "plots/summary.md").read_text()
+    from cxrlab.config.load import load_params
+    from cxrlab.serving.webapp import class_names, page_title
+
+    monkeypatch.chdir(project)  # the page's title: the classes the split found, not the letters of "auto"
+    assert page_title(class_names(load_params())) == "Chest X-ray: NORMAL or PNEUMONIA?"
     texts = {"output": printed}
     for folder in ("metrics", "plots", "explanations"):
         for path in (project / folder).rglob("*"):
@@ -85,3 +90,15 @@ def test_auto_checks_the_positive_class_against_the_folders_found(in_project, tm
                                         r"\['NORMAL', 'PNEUMONIA'\] found under data/raw; set data.positive_class"):
         split.main([])
     assert not (in_project / "data/split").exists()
+
+
+def test_the_page_title_names_the_classes_in_any_form(in_project):
+    from cxrlab.config.load import load_params
+    from cxrlab.serving.webapp import class_names, page_title
+
+    assert page_title(class_names(load_params())) == "Chest X-ray: Healthy or TB?"  # a mapping
+    set_params(in_project / "params.yaml", {"data.classes": ["x/NORMAL", "PNEUMONIA", "COVID"],
+                                            "data.positive_class": "COVID"})
+    assert page_title(class_names(load_params())) == "Chest X-ray: NORMAL, PNEUMONIA or COVID?"
+    set_params(in_project / "params.yaml", {"data.classes": "auto"})
+    assert page_title(class_names(load_params())) == "Chest X-ray classifier"  # before the split resolves it

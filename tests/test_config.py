@@ -48,6 +48,8 @@ def test_the_committed_params_are_valid():
      "runtime.inference_precision: Input should be 'auto', 'fp32' or 'bf16' (got 'fp16')"),
     ({"experiments.contrast.augmnt": {}}, "experiments.contrast.augmnt: unknown key (did you mean 'augment'?)"),
     ({"experiments.dropout.dropout": 1.5}, "experiments.dropout.dropout: Input should be less than 1"),
+    ({"evaluate.threshold_rule": "strict"}, "evaluate.threshold_rule: Input should be 'expected' or 'tolerance'"),
+    ({"export.opset": 9}, "export.opset: Input should be greater than or equal to 13 (got 9)"),
 ])
 def test_mistakes_name_the_key(params_file, changes, expected):
     assert expected in error_for(params_file, changes)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cxrlab.data import fetch
+from cxrlab.data import fetch, web
 from cxrlab.errors import UserError
 from stages import download
 from tests.conftest import set_params
@@ -44,33 +44,46 @@ DATASET = {"ds/health/h1.png": b"healthy", "ds/tb/tb1.png": b"sick"}
 
 
 class RangeHandler(http.server.BaseHTTPRequestHandler):
-    """Serves `files`; honours Range; can cut the first response short."""
+    """Serves `files` with an ETag; honours Range (and If-Range unless told not to); can cut the first
+    response short and then, once, swap `files` for `then_files` (a new version, with ETag `"v2"`)."""
 
     files: dict[str, bytes] = {}
     cut_first_at: int | None = None
     ranges: list[str | None] = []
+    etag: str | None = '"v1"'
+    honour_if_range = True
+    then_files: dict[str, bytes] | None = None
 
     def do_HEAD(self):
         self.send_response(200)
         self.end_headers()
 
     def do_GET(self):
-        data = self.files.get(self.path)
+        cls = type(self)
+        data = cls.files.get(self.path)
         if data is None:
             self.send_error(404)
             return
         rng = self.headers.get("Range")
-        type(self).ranges.append(rng)
+        cls.ranges.append(rng)
+        if rng and cls.honour_if_range and self.headers.get("If-Range") not in (None, cls.etag):
+            rng = None  # the file changed: the whole new file
         start = int(rng.split("=")[1].split("-")[0]) if rng else 0
         body = data[start:]
         self.send_response(206 if rng else 200)
         self.send_header("Content-Length", str(len(body)))
+        if rng:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        if cls.etag:
+            self.send_header("ETag", cls.etag)
         self.end_headers()
-        if type(self).cut_first_at is not None:
-            self.wfile.write(body[: type(self).cut_first_at])
-            type(self).cut_first_at = None
+        if cls.cut_first_at is not None:
+            self.wfile.write(body[: cls.cut_first_at])
+            cls.cut_first_at = None
             self.wfile.flush()
             self.close_connection = True
+            if cls.then_files is not None:
+                cls.files, cls.then_files, cls.etag = cls.then_files, None, '"v2"'
             return
         self.wfile.write(body)
 
@@ -81,8 +94,9 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     RangeHandler.files, RangeHandler.cut_first_at, RangeHandler.ranges = {}, None, []
+    RangeHandler.etag, RangeHandler.honour_if_range, RangeHandler.then_files = '"v1"', True, None
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}", RangeHandler
     httpd.shutdown()
@@ -141,12 +155,13 @@ def test_http_wrong_sha256_is_rejected_and_nothing_is_left(in_project, tmp_path,
     assert leftovers(in_project) == []
 
 
-def test_http_resumes_a_broken_download(in_project, tmp_path, server):
+def test_http_resumes_a_broken_download(in_project, tmp_path, server, monkeypatch):
     url, handler = server
     archive = make_zip(tmp_path / "ds.zip", {**DATASET, "ds/tb/big.png": bytes(range(256)) * 400}).read_bytes()
     handler.files["/ds.zip"] = archive
     handler.cut_first_at = len(archive) // 2
     set_params(in_project / "params.yaml", {"data.source": f"{url}/ds.zip"})
+    monkeypatch.setattr(web, "RETRIES", 0)  # no retry within the run: the next run resumes
     with pytest.raises(UserError, match="run the stage again to resume"):
         download.main([])
     assert not (in_project / "data" / "raw").exists()

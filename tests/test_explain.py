@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -80,6 +81,12 @@ def test_explain_stage_writes_a_gallery_dvc_shows(trained_project):
         expected = {("TB", "TB"): "true positives", ("TB", "Healthy"): "false negatives",
                     ("Healthy", "TB"): "false positives", ("Healthy", "Healthy"): "true negatives"}
         assert r["group"] == expected[truth, decision] and r["decision"] == decision
+    # one decision rule: the gallery's groups count the confusion matrix evaluate reports (its threshold's)
+    best = json.loads((project / "metrics/evaluate/baseline/report.json").read_text())["best"]
+    cm = best["confusion_matrix"]
+    assert best["threshold"] is not None  # trained_project has an operating threshold
+    assert (f"true positives {cm['TB']['TB']}, false negatives {cm['TB']['Healthy']}, false positives "
+            f"{cm['Healthy']['TB']}, true negatives {cm['Healthy']['Healthy']}") in result.stdout
 
     rendered = project / "rendered"
     dvc("plots", "show", "-o", str(rendered), cwd=project)

@@ -110,19 +110,36 @@ def test_plots_average_the_fold_curves(folded, monkeypatch):
     plots.main([])
     curves = read_csv(folded / "plots" / "data" / "curves.csv")
     assert any(r.get("val_f1") not in (None, "") for r in curves)
+    summary = (folded / "plots" / "summary.md").read_text()
+    section = summary.split("## Cross-validation: spread across the fold models", 1)[1]
+    assert f"| baseline | seed_42 | {K} | " in section  # the fold spread, beside the test metrics
 
 
-def test_predict_and_explain_say_they_use_fold_0s_model(folded, monkeypatch, capsys):
+def test_predict_and_explain_use_the_fold_mean_evaluate_scored(folded, monkeypatch, capsys):
+    """predict's probabilities and decisions are evaluate's (the mean of the fold models, at its threshold),
+    and the gallery's groups count evaluate's confusion matrix."""
     from cxrlab.cli import predict
     from stages import explain
 
     monkeypatch.chdir(folded)
-    image = next((folded / "data" / "dataset" / "test").rglob("*.png"))
-    predict.main(["--variant", "baseline", str(image)])
+    predict.main(["--variant", "baseline", "data/dataset/test", "--out", "preds.csv"])
     out = capsys.readouterr().out
-    assert "models/baseline/seed_42/fold_0/best.pt" in out and "fold_0's model alone" in out
+    assert f"the mean of the {K} fold models' probabilities" in out and "p(TB) >= " in out
+    mine = {r["file"].rsplit("/", 1)[-1]: r for r in read_csv(folded / "preds.csv")}
+    evaluated = read_csv(folded / "metrics" / "evaluate" / "baseline" / "predictions.csv")
+    assert len(mine) == len(evaluated) == 4
+    for row in evaluated:
+        p = mine[row["filename"]]
+        for cls in ("Healthy", "TB"):
+            assert float(p[f"prob_{cls}"]) == pytest.approx(float(row[f"best_prob_{cls}"]), abs=2e-6)
+        assert p["threshold"] == row["best_threshold"] != "" and p["decision"] == row["best_decision"]
+
     explain.main(["baseline"])
-    assert "explain baseline" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    cm = json.loads((folded / "metrics" / "evaluate" / "baseline" / "report.json").read_text())["best"][
+        "confusion_matrix"]
+    assert (f"true positives {cm['TB']['TB']}, false negatives {cm['TB']['Healthy']}, false positives "
+            f"{cm['Healthy']['TB']}, true negatives {cm['Healthy']['Healthy']}") in out
     assert (folded / "explanations" / "baseline" / "gallery.png").is_file()
 
 
@@ -156,7 +173,10 @@ def test_resume_continues_each_fold_from_its_own_state(folded, tmp_path, monkeyp
     out = capsys.readouterr().out
     assert "train baseline seed 42 fold_1: resuming after epoch 1" in out
     assert "baseline seed 42 fold_1 epoch 1/2" not in out and "baseline seed 42 fold_1 epoch 2/2" in out
-    assert "fold_0: runtime.resume is on but there is no interrupted run" in out  # each fold its own state
+    # each fold its own state: fold_0 completed before the interruption and is kept, fold_2 never started
+    assert "train baseline seed 42 fold_0: finished before the interruption" in out
+    assert "baseline seed 42 fold_0 epoch" not in out
+    assert "fold_2: runtime.resume is on but there is no interrupted run" in out
     assert not (project / paths.TRAIN_STATE).exists()
     runs = json.loads((project / "metrics/train/baseline/report.json").read_text())["seeds"]["seed_42"]["folds"]
     assert [r["epochs_trained"] for r in runs.values()] == [2] * K

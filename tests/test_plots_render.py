@@ -1,10 +1,11 @@
 """The pages that `dvc plots show` and `dvc plots diff` write, opened in headless Chromium (Debian's build):
 every script parses, every plot draws, and each figure appears once.
 
-The page loads Vega, Vega-Lite and Vega-Embed from cdn.jsdelivr.net, which is unreachable here: the test
-fetches the same versions' npm packages (`npm pack`, kept in pytest's cache folder) and serves their
-browser builds in place of the CDN through Playwright's request routing; any other request is refused.
-Reuses the end-to-end pipeline run and its experiment (tests/conftest.py), so it costs seconds on its own.
+The pages carry Vega, Vega-Lite and Vega-Embed inside them (.dvc/config's html_template,
+cxrlab/reports/plots_page.py), so they draw with the network off: every request but the page's own files is
+refused. The template is checked against the npm packages of the versions DVC's page asks the CDN for
+(`npm pack`, kept in pytest's cache folder). Reuses the end-to-end pipeline run and its experiment
+(tests/conftest.py), so it costs seconds on its own.
 """
 
 from __future__ import annotations
@@ -29,9 +30,6 @@ CDN_SCRIPT = re.compile(r"https://cdn\.jsdelivr\.net/npm/((vega(?:-lite|-embed)?
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (requirements.txt)")
 if not CHROMIUM.is_file():
     pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium), as .ci/run does",
-                allow_module_level=True)
-if shutil.which("npm") is None:
-    pytest.skip("npm is missing: the test serves Vega from its npm packages (install Node.js and npm)",
                 allow_module_level=True)
 
 # Wrap vegaEmbed as the Vega-Embed bundle defines it: draw as SVG (so the marks are in the DOM) and keep each
@@ -68,13 +66,15 @@ DESCRIBE_PLOTS = """
 
 
 @pytest.fixture(scope="module")
-def vega_builds(request, tmp_path_factory) -> dict[str, bytes]:
-    """{CDN URL the page asks for: that package's browser build}, from the npm packages of the same versions."""
+def vega_packages(request, tmp_path_factory) -> list[Path]:
+    """The npm package tarballs of the Vega, Vega-Lite and Vega-Embed versions DVC's page loads from the CDN."""
     from dvc_render.vega import VegaRenderer
 
+    if shutil.which("npm") is None:
+        pytest.skip("npm is missing: the template is checked against Vega's npm packages (install Node.js and npm)")
     plugin = getattr(request.config, "cache", None)  # pytest's cache, kept between runs, unless disabled
     cache = Path(plugin.mkdir("vega-npm-packages")) if plugin else tmp_path_factory.mktemp("vega-npm-packages")
-    builds = {}
+    tarballs = []
     for match in CDN_SCRIPT.finditer(VegaRenderer.SCRIPTS):
         spec, name, version = match.groups()
         tarball = cache / f"{name}-{version}.tgz"
@@ -83,17 +83,25 @@ def vega_builds(request, tmp_path_factory) -> dict[str, bytes]:
                                   timeout=300, check=False)
             if proc.returncode != 0 or not tarball.is_file():
                 pytest.skip(f"npm pack {spec} failed (is the npm registry reachable?): {proc.stderr.strip()[-500:]}")
-        with tarfile.open(tarball) as tar:
-            manifest = json.load(tar.extractfile("package/package.json"))
-            builds[match.group(0)] = tar.extractfile(f"package/{manifest['jsdelivr']}").read()
-    assert len(builds) == 3, VegaRenderer.SCRIPTS  # vega, vega-lite, vega-embed
-    return builds
+        tarballs.append(tarball)
+    assert len(tarballs) == 3, VegaRenderer.SCRIPTS  # vega, vega-lite, vega-embed
+    return tarballs
+
+
+def test_the_offline_page_template_holds_the_versions_dvc_asks_the_cdn_for(vega_packages):
+    from cxrlab.reports import plots_page
+
+    assert plots_page.TEMPLATE.read_text(encoding="utf-8") == plots_page.page(vega_packages)
+    with tarfile.open(vega_packages[0]) as tar:  # the build itself, byte for byte, not only its name
+        manifest = json.load(tar.extractfile("package/package.json"))
+        assert tar.extractfile(f"package/{manifest['jsdelivr']}").read().decode() in plots_page.TEMPLATE.read_text()
+    assert "cdn.jsdelivr" not in plots_page.TEMPLATE.read_text() and "{plot_divs}" in plots_page.TEMPLATE.read_text()
 
 
 @pytest.fixture(scope="module")
-def browser(vega_builds):
-    """Headless Chromium; yields open(html) -> (plots as DESCRIBE_PLOTS plus each Vega plot's `title`, errors:
-    page errors, console errors, failed embeddings, refused requests)."""
+def browser():
+    """Headless Chromium with the network off; yields open(html) -> (plots as DESCRIBE_PLOTS plus each Vega
+    plot's `title`, errors: page errors, console errors, failed embeddings, refused requests)."""
     with playwright_api.sync_playwright() as pw:
         chromium = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
 
@@ -105,9 +113,7 @@ def browser(vega_builds):
 
             def route(r):
                 url = r.request.url
-                if url in vega_builds:
-                    r.fulfill(status=200, body=vega_builds[url], content_type="application/javascript")
-                elif url.startswith("file://"):
+                if url.startswith("file://"):
                     r.continue_()
                 else:
                     errors.append(f"refused request: {url}")
@@ -163,6 +169,7 @@ def test_plots_show_and_diff_pages_render_every_plot(experimented, browser, tmp_
     expected = expected_plots(project)
 
     dvc("plots", "show", "-o", str(tmp_path / "show"), cwd=project)
+    assert "cdn.jsdelivr.net" not in (tmp_path / "show" / "index.html").read_text()  # Vega is in the page
     plots, errors = browser(tmp_path / "show" / "index.html")
     check_page(plots, errors, expected, revs=1)
     by_title = {p["title"]: p for p in plots if p["vega"]}

@@ -91,6 +91,8 @@ def test_bf16_probabilities_are_within_0_01_of_fp32(trained_project, tmp_path, m
     (["--variant", "baseline", "no/such/folder"], "no/such/folder does not exist"),
     (["--variant", "baseline", "metrics/train"], "no images found in metrics/train"),
     (["--variant", "baseline", "data/dataset/test", "--out", "preds.txt"], "write .csv or .json"),
+    (["--variant", "", "data/dataset/test"], "unknown variant ''; params.yaml defines experiments: baseline"),
+    (["--variant", "baseline", "--device", "banana", "data/dataset/test"], "unknown device 'banana' (--device"),
 ])
 def test_user_mistakes_name_the_fix(trained_project, monkeypatch, args, message):
     monkeypatch.chdir(trained_project)

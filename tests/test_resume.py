@@ -151,3 +151,41 @@ def test_a_stage_whose_params_change_while_it_runs_records_nothing(project):
     assert "train baseline seed 42:" in proc.stdout and "ETA" not in proc.stdout  # stopped at epoch 1's first write
     assert not (project / "models/baseline").exists()
     assert not (project / "metrics/train/baseline").exists()
+
+
+def test_resume_keeps_a_seed_that_finished_before_the_interruption(project, monkeypatch, capsys):
+    """Interrupted while its second seed trains, the stage resumed trains only that seed: the first one's
+    checkpoints stay the very files it published, and the summary still holds both. (In process, to spare two
+    Python starts: an exception leaves what a kill leaves, as test_kill_then_resume... shows with a kill.)"""
+    import cxrlab.training.loop as loop
+    from stages import train
+
+    set_params(project / "params.yaml", {"runtime.resume": False, "runtime.num_workers": 0, "train.epochs": 1,
+                                         "train.seeds": [42, 43]})
+    monkeypatch.chdir(project)
+    train_run = loop.train_run
+
+    def interrupted_at_seed_43(variant, cfg, seed, *args, **kwargs):
+        if seed == 43:
+            raise KeyboardInterrupt  # seed 42 is published, seed 43 starts
+        return train_run(variant, cfg, seed, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_run", interrupted_at_seed_43)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([VARIANT])
+    first = project / "models" / VARIANT / "seed_42" / "best.pt"
+    published = first.stat()
+    assert not (project / "models" / VARIANT / "seed_43").exists()
+
+    monkeypatch.setattr(loop, "train_run", train_run)
+    set_params(project / "params.yaml", {"runtime.resume": True})
+    capsys.readouterr()
+    train.main([VARIANT])
+    log = capsys.readouterr().out
+    assert f"train {VARIANT} seed 42: finished before the interruption" in log, log
+    assert f"{VARIANT} seed 42 epoch" not in log and f"{VARIANT} seed 43 epoch 1/1" in log, log
+    assert (first.stat().st_ino, first.stat().st_mtime_ns) == (published.st_ino, published.st_mtime_ns)
+    report = json.loads((project / "metrics/train" / VARIANT / "report.json").read_text())
+    assert set(report["seeds"]) == {"seed_42", "seed_43"} and report["seeds"]["seed_42"]["epochs_trained"] == 1
+    assert not (project / ".train-state" / VARIANT).exists()  # the records of finished runs go with the stage
+    set_params(project / "params.yaml", {"train.seeds": [42], "runtime.num_workers": 2})

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from cxrlab.evaluation import stats
+from cxrlab.evaluation import paired, stats
 from cxrlab.evaluation.metrics import classification_metrics
 
 
@@ -36,6 +36,8 @@ def test_vectorised_metrics_equal_the_reference_implementation():
             for part in name.split("."):
                 ref = ref[part]
             assert fast[name][0] == pytest.approx(ref), (k, name)
+        for name, (x, n) in stats.proportion_counts(y, [prob], positive).items():  # the exact intervals' counts
+            assert x / n == pytest.approx(reference[name]), (k, name)
 
 
 def test_auc_from_ranks_handles_ties_like_sklearn():
@@ -69,16 +71,16 @@ def test_mcnemar_matches_the_exact_binomial_value():
     # discordant pairs: A right/B wrong 2, A wrong/B right 9 -> two-sided binomial(2; 11, 0.5)
     a = np.array([1] * 2 + [0] * 9 + [1] * 30 + [0] * 5, bool)
     b = np.array([0] * 2 + [1] * 9 + [1] * 30 + [0] * 5, bool)
-    result = stats.mcnemar_exact(a, b)
+    result = paired.mcnemar_exact(a, b)
     expected = 2 * sum(math.comb(11, i) for i in range(3)) / 2 ** 11  # = 0.06543
     assert (result["a_right_b_wrong"], result["a_wrong_b_right"]) == (2, 9)
     assert result["p_value"] == pytest.approx(expected)
-    assert stats.mcnemar_exact(a, a)["p_value"] == 1.0
+    assert paired.mcnemar_exact(a, a)["p_value"] == 1.0
 
 
 def test_holm_adjusts_in_order():
-    assert stats.holm([0.01, 0.04, 0.03, None]) == pytest.approx([0.03, 0.06, 0.06, None], nan_ok=True)
-    assert stats.holm([0.5, 0.9]) == [1.0, 1.0]
+    assert paired.holm([0.01, 0.04, 0.03, None]) == pytest.approx([0.03, 0.06, 0.06, None], nan_ok=True)
+    assert paired.holm([0.5, 0.9]) == [1.0, 1.0]
 
 
 def test_holm_over_one_family_matches_the_hand_computed_step_down():
@@ -86,9 +88,9 @@ def test_holm_over_one_family_matches_the_hand_computed_step_down():
     # by (m - i + 1), keep the running maximum, cap at 1. Sorted: 0.005*5=0.025, 0.01*4=0.04,
     # 0.03*3=0.09, 0.04*2=0.08 -> 0.09 (running max), 0.2*1=0.2.
     p = [0.01, 0.04, 0.03, 0.005, 0.2]
-    assert stats.holm(p) == pytest.approx([0.04, 0.09, 0.09, 0.025, 0.2])
+    assert paired.holm(p) == pytest.approx([0.04, 0.09, 0.09, 0.025, 0.2])
     # rejected at 0.05: only the two smallest, where per-metric families of the same tests would reject more
-    assert [a < 0.05 for a in stats.holm(p)] == [True, False, False, True, False]
+    assert [a < 0.05 for a in paired.holm(p)] == [True, False, False, True, False]
 
 
 def test_paired_bootstrap_of_identical_models_is_zero_and_of_a_better_one_is_positive():
@@ -97,24 +99,22 @@ def test_paired_bootstrap_of_identical_models_is_zero_and_of_a_better_one_is_pos
     noisy = np.clip(y + rng.normal(0, 0.6, 400), 0, 1)
     clean = np.clip(y + rng.normal(0, 0.2, 400), 0, 1)
     pa, pb = np.stack([1 - noisy, noisy], 1), np.stack([1 - clean, clean], 1)
-    same = stats.paired_bootstrap(y, pa, pa, 1, ("f1", "roc_auc"), 300, 0, 0.95)
+    same = paired.paired_bootstrap(y, pa, pa, 1, ("f1", "roc_auc"), 300, 0, 0.95)
     assert same["f1"]["difference"] == 0 and same["f1"]["low"] == same["f1"]["high"] == 0
-    assert same["f1"]["p_value"] == 1.0
-    better = stats.paired_bootstrap(y, pa, pb, 1, ("f1", "roc_auc"), 300, 0, 0.95)
+    assert paired.permutation_p_values(y, pa, pa, 1, ("f1", "roc_auc"), 300, 0) == {"f1": 1.0, "roc_auc": 1.0}
+    better = paired.paired_bootstrap(y, pa, pb, 1, ("f1", "roc_auc"), 300, 0, 0.95)
     assert better["f1"]["difference"] > 0 and better["f1"]["low"] > 0
-    assert better["roc_auc"]["p_value"] < 0.05
+    assert paired.permutation_p_values(y, pa, pb, 1, ("roc_auc",), 300, 0)["roc_auc"] < 0.05
 
 
 def test_a_clear_winner_gets_the_floor_p_value_never_zero():
     y = np.array([0] * 50 + [1] * 50)
     perfect = np.eye(2)[y].astype(float)
     coin = np.full((100, 2), 0.5)
-    r = stats.paired_bootstrap(y, coin, perfect, 1, ("accuracy", "roc_auc"), 999, 0, 0.95)
-    # no resample crosses zero: (1 + 0) / (999 + 1), doubled
-    assert r["roc_auc"]["p_value"] == 2 / 1000 == stats.p_value_floor(999)
-    assert r["roc_auc"]["p_at_floor"] and r["accuracy"]["p_value"] > 0
-    assert stats.bootstrap_p_value(np.array([-1.0, 2.0, 3.0])) == pytest.approx(2 * 2 / 4)
-    assert stats.bootstrap_p_value(np.array([np.nan])) is None
+    p = paired.permutation_p_values(y, coin, perfect, 1, ("f1", "roc_auc"), 999, 0)
+    # no swap reaches the observed difference: (1 + 0) / (999 + 1)
+    assert p["roc_auc"] == 1 / 1000 == paired.p_value_floor(999)
+    assert p["f1"] == 1 / 1000
 
 
 def test_threshold_rule_takes_the_order_statistic_that_keeps_the_expected_sensitivity():
@@ -185,3 +185,110 @@ def test_ece_is_near_zero_when_calibrated_and_near_the_gap_when_not():
     prob = np.tile([0.1, 0.9], (n, 1))
     ece, _ = stats.calibration(y, prob, 15)
     assert ece == pytest.approx(0.2, abs=0.01)
+
+
+# ---------------------------------------------------------------- issue 27: exact intervals, level, rules
+def test_12_of_12_positives_get_an_exact_interval_and_no_met_verdict():
+    # the percentile bootstrap collapses to [1, 1] here and so said "met" for a 0.9 target
+    y = np.array([0] * 12 + [1] * 12)
+    perfect = np.eye(2)[y].astype(float)
+    assert stats.bootstrap_intervals(y, [perfect], 1, 200, 0, 0.95)["sensitivity"] == {"low": 1.0, "high": 1.0}
+    ci = stats.intervals(y, [perfect], 1, 200, 0, 0.95)
+    assert ci["sensitivity"]["low"] == pytest.approx(0.025 ** (1 / 12)) == pytest.approx(0.7354, abs=1e-4)
+    assert ci["sensitivity"]["high"] == 1.0 and ci["accuracy"]["low"] == pytest.approx(0.025 ** (1 / 24))
+    assert stats.verdict(ci["sensitivity"]["low"], ci["sensitivity"]["high"], 0.9) == "inconclusive"
+    # also with resampled seeds (the envelope of exact and hierarchical bootstrap)
+    both = stats.intervals(y, [perfect] * 5, 1, 200, 0, 0.95, resample_models=True)
+    assert both["sensitivity"]["low"] == pytest.approx(0.7354, abs=1e-4)
+    # integer counts: exactly scipy's binomtest interval; a seed-mean count lies between its neighbours'
+    for x, n in ((0, 12), (7, 12), (12, 12), (57, 64)):
+        assert stats.exact_interval(x, n, 0.95) == pytest.approx(stats.clopper_pearson(x, n, 0.95))
+    half = stats.exact_interval(7.5, 12, 0.95)
+    assert stats.exact_interval(7, 12, 0.95)["low"] < half["low"] < stats.exact_interval(8, 12, 0.95)["low"]
+
+
+def test_verdict_reads_the_interval():
+    assert stats.verdict(0.91, 0.99, 0.9) == "met" and stats.verdict(0.9, 0.99, 0.9) == "met"
+    assert stats.verdict(0.70, 0.89, 0.9) == "not met"
+    assert stats.verdict(0.735, 1.0, 0.9) == "inconclusive"
+    assert stats.verdict(None, 1.0, 0.9) == stats.verdict(0.95, None, 0.9) == "inconclusive"
+    assert stats.joint_verdict(["met", "met"]) == "met"
+    assert stats.joint_verdict(["met", "inconclusive"]) == "inconclusive"
+    assert stats.joint_verdict(["inconclusive", "not met"]) == "not met"
+
+
+def test_paired_tests_keep_their_level_at_12_images_per_class():
+    # Under the null the two models are exchangeable on every image: both scores drawn from the same
+    # distribution. 400 simulated test sets of 12 + 12 images, 200 permutations each: each test's
+    # rejection rate at 0.05 must stay <= 0.05 + 2 SE (SE = sqrt(.05 x .95 / 400) = 0.011).
+    rng = np.random.default_rng(27)
+    y = np.array([0] * 12 + [1] * 12)
+    repetitions, rejected = 400, {"f1": 0, "roc_auc": 0, "accuracy": 0}
+    for r in range(repetitions):
+        score = 1 / (1 + np.exp(-(rng.normal(0, 1.2, (2, 24)) + 1.5 * (y - 0.5))))
+        pa, pb = (np.stack([1 - s, s], 1) for s in score)
+        p = paired.permutation_p_values(y, pa, pb, 1, ("f1", "roc_auc"), 200, r)
+        p["accuracy"] = paired.mcnemar_exact(pa.argmax(1) == y, pb.argmax(1) == y)["p_value"]
+        for m in rejected:
+            rejected[m] += p[m] < 0.05
+    limit = 0.05 + 2 * math.sqrt(0.05 * 0.95 / repetitions)
+    assert all(n / repetitions <= limit for n in rejected.values()), rejected
+    assert rejected["roc_auc"] > 0  # a test that never rejects would pass too: it does reject sometimes
+
+
+def test_holm_floor_raises_the_permutations_or_warns():
+    # the old bootstrap floor 2/(B+1) at B = 1,000 and 39 tests: 0.078 >= 0.05, Holm could never reject
+    warning = paired.holm_floor_warning(2 / 1001, 39, 0.05)
+    assert "times the 39 tests of the Holm family is 0.0779 >= alpha 0.05" in warning
+    assert "raise stats.resamples to at least 1559" in warning
+    assert paired.holm_floor_warning(paired.p_value_floor(1000), 39, 0.05) is None
+    for tests in (3, 39, 150):
+        b = paired.permutations_for(tests, 0.05, 1000)
+        assert b >= 1000 and paired.p_value_floor(b) * tests <= 0.05 / 2
+        assert paired.holm_floor_warning(paired.p_value_floor(b), tests, 0.05) is None
+    assert paired.permutations_for(150, 0.05, 1000) == 5999
+    # a family whose smallest Holm p-value reaches alpha is told, never silently unable to reject
+    assert paired.holm([paired.p_value_floor(1000)] * 60)[0] >= 0.05
+    assert paired.holm_floor_warning(paired.p_value_floor(1000), 60, 0.05) is not None
+
+
+def test_tolerance_rule_k_is_the_largest_with_binomial_probability_095():
+    from scipy.stats import binom
+
+    for n in (29, 30, 64, 100, 200, 1000):
+        k = stats.threshold_rank(n, 0.9, "tolerance")
+        assert binom.sf(k - 1, n, 0.1) >= 0.95 > binom.sf(k, n, 0.1), n  # P(X >= k) >= .95 > P(X >= k + 1)
+    assert stats.threshold_rank(100, 0.9, "tolerance") == 5  # P(Bin(100, .1) >= 5) = 0.976, >= 6: 0.942
+    assert stats.threshold_rank(28, 0.9, "tolerance") == 0
+    assert stats.min_positives(0.9, "tolerance") == 29 and stats.min_positives(0.8, "tolerance") == 14
+    # the guarantee, simulated: positives' scores uniform, sensitivity at threshold s is 1 - s
+    rng = np.random.default_rng(1)
+    scores = np.sort(rng.random((20_000, 64)), axis=1)
+    sens = 1 - scores[:, stats.threshold_rank(64, 0.9, "tolerance") - 1]
+    assert (sens >= 0.9).mean() >= 0.95 - 0.004
+    # the expected rule: mean >= 0.9, but a run falls short about as often as shortfall_probability says
+    k = stats.threshold_rank(64, 0.9)
+    short = (1 - scores[:, k - 1] < 0.9).mean()
+    assert short == pytest.approx(stats.shortfall_probability(64, k, 0.9), abs=0.01)
+    assert [round(stats.shortfall_probability(n, stats.threshold_rank(n, 0.9), 0.9), 2) for n in (9, 20, 200)] == \
+        [0.39, 0.39, 0.47]
+
+
+def test_ece_interval_and_the_ece_of_a_calibrated_model_at_that_size():
+    rng = np.random.default_rng(4)
+    confidence = rng.uniform(0.5, 1.0, 24)
+    prob = np.stack([1 - confidence, confidence], 1)
+    y = (rng.random(24) < confidence).astype(int)  # calibrated by construction
+    # the vectorised ECE is calibration()'s, row by row
+    idx = stats.stratified_indices(y, 20, 0)
+    fast = stats.ece_batch(y[idx], prob[idx], 15)
+    assert fast == pytest.approx([stats.calibration(y[i], prob[i], 15)[0] for i in idx])
+    ci = stats.ece_interval(y, [prob], 15, 300, 0, 0.95)
+    assert ci["low"] <= stats.calibration(y, prob, 15)[0] <= ci["high"]
+    # a perfectly calibrated model at 24 images still has a mean ECE of 0.14-0.18 (the audit: 0.18); the
+    # same number by a plain loop over stats.calibration; much smaller at 2,400 images
+    expected = stats.calibrated_ece([prob], 15, 2000, 0)
+    loop = np.mean([stats.calibration((rng.random(24) < confidence).astype(int), prob, 15)[0] for _ in range(2000)])
+    assert expected == pytest.approx(loop, abs=0.01) and 0.12 < expected < 0.21
+    big = np.tile(prob, (100, 1))
+    assert stats.calibrated_ece([big], 15, 200, 0) < expected / 4

@@ -2,15 +2,20 @@
 
     python -m cxrlab.cli.predict --variant baseline [--seed S] [--which best|last] PATHS... [--out preds.csv|.json]
     python -m cxrlab.cli.predict --checkpoint models/baseline/seed_42/best.pt PATHS... [--out preds.json]
+    python -m cxrlab.cli.predict --onnx exports/baseline/seed_42.onnx PATHS... [--out preds.json]
 
 PATHS are image files or folders (searched recursively for images). Each
 image is decoded and resized exactly as the preprocess stage does
 (`load_rgb`) and normalised with the checkpoint's own mean and std, so a test
 image gets the probabilities evaluate reported for it. With `--variant`,
-the best checkpoint of a binary task is decided at the operating threshold
-evaluate chose on validation (`metrics/evaluate/<variant>/metrics.json`); a
-last checkpoint, a `--checkpoint` or a task without one is decided by the
-highest probability. Unreadable files, and images outside the size limits
+the model is evaluate's: the seed's checkpoint, or with `data.folds` the mean
+of its fold models' probabilities; a binary task's best or last checkpoint
+is decided at the operating threshold evaluate chose on validation for it
+(`metrics/evaluate/<variant>/report.json`), the rule behind every reported
+metric; a `--checkpoint`, or a task without a threshold, is decided by the
+highest probability. With `--onnx`, an exported model (export stage) is scored
+with onnxruntime (`pip install -e '.[onnx]'`), deciding as its contract
+(the .json beside it) says. Unreadable files, and images outside the size limits
 of params.yaml (`data.max_image_pixels`, `data.min_image_side`, so run it from
 the project root), are reported and skipped. The table goes to stdout;
 `--out` also writes it as CSV or JSON (checked to be writable first), with
@@ -29,10 +34,11 @@ from typing import Sequence
 from cxrlab.config.load import load_params
 from cxrlab.errors import UserError, run_stage
 from cxrlab.io.fsio import check_writable
+from cxrlab.serving.onnx import load_onnx_predictor
 from cxrlab.serving.predict import (
-    decode_all,
     image_files,
     load_predictor,
+    predict_files,
     variant_predictor,
     write_output,
 )
@@ -43,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--variant", help="a trained key of `experiments` in params.yaml")
     source.add_argument("--checkpoint", type=Path, help="a checkpoint file (.pt) written by the train stage")
+    source.add_argument("--onnx", type=Path, help="an exported model (exports/<variant>/seed_<seed>.onnx), "
+                        "scored with onnxruntime as the contract beside it says")
     parser.add_argument("--seed", type=int, help="with --variant: which seed's model (default: the first)")
     parser.add_argument("--which", choices=("best", "last"), default="best",
                         help="with --variant: the epoch chosen on validation (best) or the last one")
@@ -62,21 +70,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     params = load_params()
     data, precision = params.data, args.precision or params.runtime.inference_precision
 
-    if args.variant:
+    if args.onnx:
+        predictor = load_onnx_predictor(args.onnx)
+    elif args.variant is not None:  # `--variant ""` too: an unknown variant, named
         predictor = variant_predictor(args.variant, args.seed, args.which, args.device, precision)
     else:
         predictor = load_predictor(args.checkpoint, device=args.device, precision=precision)
     files = image_files(args.paths)
-    images, kept, skipped = decode_all(files, predictor.image_size, data.max_image_pixels, data.min_image_side)
-    for path, why in skipped:
-        print(f"skipped {path}: {why}", file=sys.stderr)
+    # streamed: a batch at a time is decoded and scored, so a folder of 50,000 images fits in memory
+    kept, probs, skipped = predict_files(predictor, files, data.max_image_pixels, data.min_image_side,
+                                         on_skip=lambda path, why: print(f"skipped {path}: {why}", file=sys.stderr))
     if not kept:
         raise UserError(f"none of the {len(files)} files could be read as an image (reasons above)")
 
-    probs = predictor.probabilities(images)
     decisions = predictor.decisions(probs)
     classes = predictor.classes
-    print(f"predict: {predictor.path} ({predictor.ckpt['arch']}, {predictor.image_size} px), "
+    print(f"predict: {predictor.path} ({predictor.summary}), "
           f"{len(kept)} images in {predictor.precision}, deciding by {predictor.rule}")
     if predictor.fold_note:
         print(f"predict: {predictor.fold_note}")

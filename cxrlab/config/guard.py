@@ -28,8 +28,9 @@ ABSENT = "<absent>"
 _watched: dict[str, Any] | None = None
 
 
-def stage_params(stage: str, dvc_file: str | Path = DVC_FILE) -> list[str]:
-    """The params.yaml keys `dvc.yaml` lists for `stage` (`name` or `name@key` of a foreach stage)."""
+def stage_params(stage: str, dvc_file: str | Path = DVC_FILE, argv: Sequence[str] = ()) -> list[str]:
+    """The params.yaml keys `dvc.yaml` lists for `stage` (`name` or `name@key` of a foreach stage; a matrix
+    stage's `${item.<axis>}` are the stage's arguments `argv`, in the order of its matrix)."""
     path = Path(dvc_file)
     if not path.is_file():
         return []
@@ -44,6 +45,9 @@ def stage_params(stage: str, dvc_file: str | Path = DVC_FILE) -> list[str]:
             keys += [str(k) for f, ks in entry.items() if f == PARAMS_FILE for k in ks or []]
         else:
             keys.append(str(entry))
+    axes = dict(zip(spec.get("matrix") or {}, argv))
+    for axis, value in axes.items():
+        keys = [k.replace("${item.%s}" % axis, value) for k in keys]
     return [k.replace("${key}", key).replace("${item}", key) for k in keys]
 
 
@@ -77,9 +81,12 @@ def watch(stage: str, argv: Sequence[str] = (), dvc_file: str | Path = DVC_FILE,
           params_file: str | Path = PARAMS_FILE) -> None:
     """Note the params `stage` depends on (a foreach stage's key is its first argument)."""
     global _watched
-    if argv and "@" not in stage and _is_foreach(stage, dvc_file):
+    kind = _generated(stage, dvc_file) if "@" not in stage else None
+    if argv and kind == "foreach":
         stage = f"{stage}@{argv[0]}"
-    keys = stage_params(stage, dvc_file)
+    elif argv and kind == "matrix":
+        stage = f"{stage}@{'-'.join(argv)}"
+    keys = stage_params(stage, dvc_file, argv if kind == "matrix" else ())
     if not keys:
         _watched = None
         return
@@ -87,12 +94,15 @@ def watch(stage: str, argv: Sequence[str] = (), dvc_file: str | Path = DVC_FILE,
                 "values": _leaves(_read(Path(params_file)), keys)}
 
 
-def _is_foreach(stage: str, dvc_file: str | Path) -> bool:
+def _generated(stage: str, dvc_file: str | Path) -> str | None:
+    """'foreach' or 'matrix' for a stage that generates several, else None."""
     path = Path(dvc_file)
     if not path.is_file():
-        return False
+        return None
     spec = (yaml.safe_load(path.read_text()) or {}).get("stages", {}).get(stage)
-    return isinstance(spec, dict) and "foreach" in spec
+    if not isinstance(spec, dict):
+        return None
+    return next((kind for kind in ("foreach", "matrix") if kind in spec), None)
 
 
 def unwatch() -> None:

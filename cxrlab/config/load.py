@@ -34,6 +34,8 @@ class Params:
         self.compare = parsed.compare
         self.ensembles = parsed.ensembles
         self.explain = parsed.explain
+        self.external = parsed.external
+        self.export = parsed.export
         self.variants = variants
         self.train = _validate_train(dict(parsed.train), "train")
 

@@ -7,6 +7,7 @@ variants is `cxrlab.config.load`; the wording of errors is `cxrlab.config.errors
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -21,6 +22,7 @@ from pydantic import (
 )
 
 from cxrlab.config.errors import did_you_mean
+from cxrlab.config.names import classes_problem
 from cxrlab.model.architectures import ARCHITECTURES
 
 # torchvision.transforms.v2 classes usable as training augmentations: they
@@ -50,7 +52,8 @@ AUGMENTATIONS = (
 )
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: YAML's .nan and .inf are refused in every float of every section
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _count_or_auto(value: Union[int, str], info: ValidationInfo) -> Union[int, str]:
@@ -61,6 +64,26 @@ def _count_or_auto(value: Union[int, str], info: ValidationInfo) -> Union[int, s
     return value
 
 
+def parse_group_by(spec: str) -> tuple[str, list[str]]:
+    """`data.group_by` (cxrlab.data.groups): ('regex', [pattern]) or ('csv', [file, image column,
+    group column]); a ValueError naming the fix."""
+    kind, _, rest = spec.partition(":")
+    if kind == "regex":
+        try:
+            re.compile(rest)
+        except re.error as e:
+            raise ValueError(f"{rest!r} is not a regular expression ({e})") from None
+        if not rest:
+            raise ValueError("regex: needs a pattern, e.g. 'regex:^([A-Z]+)_'")
+        return kind, [rest]
+    if kind == "csv":
+        parts = rest.split(":")
+        if len(parts) != 3 or not all(parts):
+            raise ValueError("csv: needs csv:<file under the download>:<image column>:<group column>")
+        return kind, parts
+    raise ValueError("give regex:<pattern> or csv:<file>:<image column>:<group column> (or null: no groups)")
+
+
 class DataParams(_Section):
     source: str = Field(min_length=1)
     sha256: Optional[str] = Field(pattern=r"^[0-9a-fA-F]{64}$")
@@ -69,6 +92,8 @@ class DataParams(_Section):
     classes: Union[dict[str, str], list[str], Literal["auto"]]
     positive_class: str
     max_per_class: Optional[int] = Field(gt=0)
+    split: Literal["by_id", "random", "grouped"]
+    group_by: Optional[str]
     test_fraction: float = Field(gt=0, lt=1)
     val_fraction: float = Field(ge=0, lt=1)
     folds: Optional[int] = Field(ge=2, le=100)
@@ -84,20 +109,23 @@ class DataParams(_Section):
     @field_validator("classes")
     @classmethod
     def _folders_distinct(cls, classes: Union[dict[str, str], list[str], str]):
-        if classes == "auto":
-            return classes
-        if len(classes) < 2:
-            raise ValueError("name at least two classes, or use auto")
-        if isinstance(classes, list) and len({Path(str(f).strip("/")).name for f in classes}) != len(classes):
-            raise ValueError("two folders of the list have the same name; use {class: folder} to name them")
-        spec = classes if isinstance(classes, dict) else {str(f).strip("/"): f for f in classes}
-        for name, folder in spec.items():
-            if not str(folder).strip("/"):
-                raise ValueError(f"class {name!r} has an empty folder name")
-        folders = [f.strip("/") for f in spec.values()]
-        if len(set(folders)) != len(folders):
-            raise ValueError("two classes point at the same folder")
+        if classes != "auto" and (why := classes_problem(classes)):
+            raise ValueError(why)
         return classes
+
+    @field_validator("group_by")
+    @classmethod
+    def _group_by_parses(cls, spec: Optional[str]) -> Optional[str]:
+        if spec is not None:
+            parse_group_by(spec)  # its ValueError names the fix
+        return spec
+
+    @model_validator(mode="after")
+    def _grouped_needs_groups(self) -> "DataParams":
+        if self.split == "grouped" and not self.group_by:
+            raise ValueError("split: grouped needs data.group_by (regex:<pattern> or csv:<file>:<image column>:"
+                             "<group column>) naming each image's patient or source")
+        return self
 
     @field_validator("std")
     @classmethod
@@ -244,7 +272,11 @@ class TrainParams(_Section):
     @field_validator("augment")
     @classmethod
     def _known_augmentations(cls, augment: dict) -> dict:
-        for name in augment:
+        for name, kwargs in augment.items():
+            try:  # JSON has no nan or inf: a quick check of every number, however deeply nested
+                json.dumps(kwargs, allow_nan=False, default=str)
+            except ValueError:
+                raise ValueError(f"{name}: every number must be finite, not nan or inf") from None
             if name not in AUGMENTATIONS:
                 raise ValueError(f"unknown augmentation {name!r}{did_you_mean(name, AUGMENTATIONS)}; "
                                  f"use a torchvision.transforms.v2 name: {', '.join(AUGMENTATIONS)}")
@@ -305,6 +337,7 @@ class EvaluateParams(_Section):
     batch_size: Union[int, Literal["auto"]]
     # < 1: no threshold chosen on a finite validation set can promise a sensitivity of 1 on new images
     target_sensitivity: float = Field(gt=0, lt=1)
+    threshold_rule: Literal["expected", "tolerance"]
     screening: Optional[ScreeningParams]
     calibration_bins: int = Field(ge=2, le=100)
 
@@ -335,9 +368,36 @@ class EnsembleParams(_Section):
         if len(set(members)) != len(members):
             raise ValueError("members must be distinct variants")
         return members
+class ExternalSetParams(_Section):
+    """One external test set (`external.<name>`): scored by every model, never trained, tuned or split on."""
+
+    source: str = Field(min_length=1)  # as data.source: demo, kaggle:<owner>/<dataset>, an http(s) archive, a path
+    # The one default of the schema: a set is added on the command line in one short -S line
+    # (`+external.x={source: ..., classes: auto}`), so an absent sha256 means "not checked", as null does.
+    sha256: Optional[str] = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+    # auto: each training class's folder found by its class or training folder name, case-insensitively;
+    # or {class: folder} naming the folder of every training class (as data.classes)
+    classes: Union[Literal["auto"], dict[str, str]]
+
+    @field_validator("classes")
+    @classmethod
+    def _folders_named(cls, classes):
+        if isinstance(classes, dict) and any(not str(f).strip("/") for f in classes.values()):
+            raise ValueError("every class needs a folder name")
+        return classes
+
+
+EXTERNAL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
 class ExplainParams(_Section):
     checkpoint: Literal["best", "last"]
     per_group: int = Field(ge=1, le=16)
+
+
+class ExportParams(_Section):
+    # 13: Softmax over one axis (older opsets flatten); 20: the TorchScript exporter's newest
+    opset: int = Field(ge=13, le=20)
 
 
 class _ParamsFile(_Section):
@@ -350,6 +410,18 @@ class _ParamsFile(_Section):
     compare: CompareParams
     ensembles: dict[str, EnsembleParams]
     explain: ExplainParams
+    external: dict[str, ExternalSetParams]
+
+    @field_validator("external")
+    @classmethod
+    def _external_names(cls, sets: dict) -> dict:
+        for name in sets:
+            if not EXTERNAL_NAME.fullmatch(name):
+                raise ValueError(f"external set name {name!r}: use letters, digits and _ (a letter first); "
+                                 "it names a folder and a DVC stage")
+        return sets
+
+    export: ExportParams
 
     @model_validator(mode="after")
     def _reference_is_a_variant(self) -> "_ParamsFile":

@@ -11,6 +11,7 @@ compression-ratio bound and `data.max_unpacked_gb`.
 
 from __future__ import annotations
 
+import functools
 import io
 import lzma
 import os
@@ -37,6 +38,12 @@ CHUNK = 1 << 20
 # (lists, empty or flat images) may compress very well and cost nothing.
 MAX_RATIO = 100
 RATIO_FLOOR = 1 << 20
+# Entries (files and folders) an archive may hold. Each costs an inode and a
+# file-system block however small, so 300,000 empty entries take some 400 MB
+# and 300,000 inodes while declaring 0 bytes. The largest public chest X-ray
+# archives in one piece hold about 112,000 images (NIH ChestX-ray14); a larger
+# dataset can be unpacked by hand and given as a folder, which has no limit.
+MAX_ENTRIES = 250_000
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,9 @@ def extract_archive(archive: Path, target: Path, max_bytes: int) -> None:
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError) as err:
         raise UserError(f"archive {archive.name} is damaged ({type(err).__name__}: {err}); "
                         "nothing was kept. Download it again or check the source") from None
+    except UnicodeDecodeError as err:  # a zip member flagged as UTF-8 whose name is not
+        raise UserError(f"archive {archive.name} has an entry name flagged as UTF-8 that is not ({err.object[:60]!r}); "
+                        "nothing was extracted. Repack it with UTF-8 names") from None
     except NotImplementedError as err:  # a zip compression method this Python lacks
         raise UserError(f"archive {archive.name}: {err}; nothing was kept. Repack it as a plain zip "
                         "(deflate) or a tar") from None
@@ -115,6 +125,39 @@ def _unsafe_name(name: str) -> str | None:
     return None
 
 
+def shown_name(name: str) -> str:
+    """`name` printable: bytes that are not UTF-8 (kept by Python as surrogates) as \\xNN."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def name_problem(rel: str, target: Path) -> str | None:
+    """Why the relative path `rel` cannot be written under `target` as it is, or None: a name that is not
+    UTF-8 (later stages write names into CSV files and reports) or longer than the file system allows."""
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return "a name that is not UTF-8: rename it (e.g. convmv -f latin1 -t utf8)"
+    name_max = _pathconf(target, "PC_NAME_MAX", 255)
+    long = next((p for p in PurePosixPath(rel).parts if len(os.fsencode(p)) > name_max), None)
+    if long is not None:
+        return f"a name of {len(os.fsencode(long))} bytes, over the file system's {name_max}: shorten it"
+    path_max = _pathconf(target, "PC_PATH_MAX", 4096)
+    if len(os.fsencode(os.path.abspath(target / rel))) >= path_max:
+        return f"a path over the file system's {path_max} bytes: shorten it"
+    return None
+
+
+@functools.lru_cache(maxsize=16)  # asked once per entry, of the same folder
+def _pathconf(path: Path, name: str, default: int) -> int:
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        return os.pathconf(existing, name)
+    except (OSError, ValueError):
+        return default
+
+
 def _member_path(name: str) -> PurePosixPath:
     """The relative path a (safe) member name stands for: `./a//b/` -> `a/b`; `\\` is a separator too."""
     return PurePosixPath(*PurePosixPath(name.replace("\\", "/")).parts)
@@ -126,12 +169,12 @@ def _short(text: str, keep: int = 60) -> str:
 
 
 def _refuse(archive: Path, problems: list[tuple[str, str]]) -> None:
-    shown = ", ".join(f"{_short(name)!r} ({_short(why, 100)})" for name, why in problems[:5])
+    shown = ", ".join(f"{_short(shown_name(name))!r} ({_short(why, 100)})" for name, why in problems[:5])
     more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
     noun = "an unsafe entry" if len(problems) == 1 else f"{len(problems)} unsafe entries"
     raise UserError(f"archive {archive.name} has {noun}: {shown}{more}; nothing was extracted. A dataset of "
-                    "images needs no links, special files or paths outside its folder: use an archive from a "
-                    "trusted source")
+                    "images needs no links, special files or paths outside its folder, and names the disk can "
+                    "hold: use an archive from a trusted source, or fix the names and repack it")
 
 
 def _plan(archive: Path, entries: list[tuple[str, str | None, object, int, int | None]],
@@ -142,7 +185,7 @@ def _plan(archive: Path, entries: list[tuple[str, str | None, object, int, int |
     files: dict[PurePosixPath, str] = {}
     dirs: set[PurePosixPath] = set()
     for name, why, ref, size, compressed in entries:
-        why = _unsafe_name(name) or why
+        why = _unsafe_name(name) or why or name_problem(str(_member_path(name)), target)
         if why:
             problems.append((name, why))
             continue
@@ -241,9 +284,17 @@ def _unpack(archive: Path, target: Path, members: list[_Member], open_member, bu
                 out.write(chunk)
 
 
+def _too_many(archive: Path, held: str) -> None:
+    raise UserError(f"archive {archive.name} holds {held} entries, over the {MAX_ENTRIES:,} a dataset archive may "
+                    "hold (each costs an inode and a disk block however small); nothing was extracted. Unpack it "
+                    "yourself and point data.source at the folder")
+
+
 def _extract_zip(archive: Path, target: Path, max_bytes: int) -> None:
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
+        if len(infos) > MAX_ENTRIES:
+            _too_many(archive, f"{len(infos):,}")
         entries = [(info.filename, _zip_refusal(info), info, info.file_size, info.compress_size) for info in infos]
         entries += _zip_overlaps(infos)
         members = _plan(archive, entries, target, max_bytes)
@@ -271,7 +322,11 @@ def _zip_overlaps(infos: list[zipfile.ZipInfo]) -> list[tuple[str, str, None, in
 
 def _extract_tar(archive: Path, target: Path, max_bytes: int) -> None:
     with _Counting(archive) as raw, tarfile.open(fileobj=raw, mode="r:*") as tf:
-        infos = tf.getmembers()
+        infos = []
+        for info in tf:  # read entry by entry: a bomb of entries is refused at the first one too many
+            infos.append(info)
+            if len(infos) > MAX_ENTRIES:
+                _too_many(archive, f"more than {MAX_ENTRIES:,}")
         entries = [(m.name, _tar_refusal(m), m, m.size if m.isreg() else 0, None) for m in infos]
         members = _plan(archive, entries, target, max_bytes)
         _unpack(archive, target, members, lambda m: tf.extractfile(m.ref), _Budget(archive, max_bytes),

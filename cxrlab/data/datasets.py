@@ -247,7 +247,7 @@ def eval_batch_size(setting: int | str, device: torch.device) -> int:
 
 def make_loader(dataset: ImageArrayDataset, batch_size: int, *, shuffle: bool, seed: int,
                 settings: LoaderSettings = LoaderSettings(), rank: int = 0, world_size: int = 1,
-                balanced: bool = False) -> DataLoader:
+                balanced: bool = False, drop_last: bool = False) -> DataLoader:
     """A loader over `dataset` whose order comes from `EpochSampler(seed)`, sharded by rank
     (`balanced`: classes drawn equally often, with replacement).
 
@@ -263,6 +263,7 @@ def make_loader(dataset: ImageArrayDataset, batch_size: int, *, shuffle: bool, s
                              weights=balanced_weights(dataset.split.labels) if balanced else None),
         num_workers=workers,
         collate_fn=_batched,
+        drop_last=drop_last,
         pin_memory=settings.pin_memory,
         persistent_workers=settings.persistent_workers and workers > 0,
         prefetch_factor=settings.prefetch_factor if workers > 0 else None,

@@ -5,8 +5,9 @@ that folder beside `data/raw` and renames it into place only when complete,
 and removes it on any failure. Archives are checked entry by entry before
 anything is extracted and then unpacked by our own code (`cxrlab.data.archives`) within
 size bounds (`extract_archive`); a downloaded archive that is refused is
-deleted. A local folder's links are followed only to files inside it
-(`copy_tree`).
+deleted. A local folder's links are followed only to files inside it, and
+its files are copied, never hard-linked (`copy_tree`). HTTP(S) downloads
+resume, retry and time out as `cxrlab.data.web` describes.
 """
 
 from __future__ import annotations
@@ -18,20 +19,18 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from tqdm import tqdm
-
-from cxrlab.data import demo
-from cxrlab.data.archives import CHUNK, extract_archive
+from cxrlab import paths
+from cxrlab.data import demo, web
+from cxrlab.data.archives import CHUNK, extract_archive, name_problem, shown_name
+from cxrlab.data.web import LOCAL_SOURCE_HINT
 from cxrlab.errors import UserError
-from cxrlab.io.fsio import link_or_copy
-from cxrlab.io.repo import repo_path
+from cxrlab.io.fsio import copy_file
+from cxrlab.io.repo import repo_path, repo_root
 
 KAGGLE_URL = "https://www.kaggle.com"
-NETWORK_TIMEOUT_S = 15
-LOCAL_SOURCE_HINT = (
-    "Without internet, get the dataset another way and point data.source at it: "
-    "dvc exp run -S data.source=/path/to/folder-or-archive (or edit params.yaml)"
-)
+# The pipeline's own folders: a source inside one (or holding one) would feed outputs back in as data.
+PIPELINE_FOLDERS = (paths.DATA, paths.MODELS, paths.METRICS, paths.PLOTS, paths.EXPLANATIONS, paths.TRAIN_STATE,
+                    Path(".dvc"))
 
 
 # ----------------------------------------------------------------- sources
@@ -85,6 +84,10 @@ def fetch_local(path: Path, target: Path, sha256: str | None, max_bytes: int) ->
             "a .zip/.tar archive holding the class folders, an http(s):// URL, or "
             "kaggle:<owner>/<dataset>"
         )
+    if not (path.is_dir() or path.is_file()):
+        raise UserError(f"data.source {str(path)!r} is neither a folder nor a regular file (a device, pipe or "
+                        "socket); point data.source at a folder or a .zip/.tar archive of the class folders")
+    check_outside_pipeline(path)
     if path.is_dir():
         if sha256:
             raise UserError("data.sha256 applies to archives, not to the folder "
@@ -95,6 +98,19 @@ def fetch_local(path: Path, target: Path, sha256: str | None, max_bytes: int) ->
         check_sha256(path, sha256, delete=False)
     extract_archive(path, target, max_bytes)
     return f"{path} -> {count_files(target)} files"
+
+
+def check_outside_pipeline(path: Path) -> None:
+    """Refuse a source inside the pipeline's own folders (data/, models/, ...) or holding one (the project)."""
+    root = Path(os.path.realpath(repo_root()))
+    real = Path(os.path.realpath(path))
+    for folder in PIPELINE_FOLDERS:
+        own = root / folder
+        if real.is_relative_to(own) or own.is_relative_to(real):
+            where = "is inside" if real.is_relative_to(own) else "holds"
+            raise UserError(f"data.source {str(path)!r} {where} the pipeline's own folder {folder}/, whose files are "
+                            "outputs, not data; point data.source at the dataset outside data/, models/, metrics/, "
+                            "plots/ and explanations/")
 
 
 def fetch_kaggle(handle: str, target: Path) -> str:
@@ -123,7 +139,7 @@ def require_network(url: str, what: str) -> None:
     """Fail within seconds, with the way out, when `url` cannot be reached."""
     request = urllib.request.Request(url, method="HEAD")
     try:
-        urllib.request.urlopen(request, timeout=NETWORK_TIMEOUT_S).close()
+        urllib.request.urlopen(request, timeout=web.NETWORK_TIMEOUT_S).close()
     except urllib.error.HTTPError:
         return  # the server answered: the network is there
     except (urllib.error.URLError, OSError) as err:
@@ -133,7 +149,12 @@ def require_network(url: str, what: str) -> None:
 
 # ------------------------------------------------------------- local copies
 def copy_tree(src: Path, dst: Path) -> None:
-    """Mirror the folder `src` into the existing folder `dst`, hard-linking files where possible.
+    """Mirror the folder `src` into the existing folder `dst`, copying each file (`fsio.copy_file`).
+
+    Never a hard link: DVC caches `data/raw` by hard-linking its files into
+    `.dvc/cache` (`cache.type` in .dvc/config) and makes them read-only, which
+    through a shared inode would turn the user's own files read-only and let an
+    edit of one corrupt the cache.
 
     Everything is checked before anything is copied. A link to a file inside
     `src` is followed (its file is copied under the link's name); a link that
@@ -150,13 +171,15 @@ def copy_tree(src: Path, dst: Path) -> None:
         rel = here.relative_to(root)
         for name in dirs:
             if (here / name).is_symlink():
-                problems.append(f"{(rel / name).as_posix()} -> {os.readlink(here / name)} (a link to a folder; "
-                                "links to folders are not followed: put the folder itself there)")
+                problems.append(f"{shown_name((rel / name).as_posix())} -> {os.readlink(here / name)} (a link to "
+                                "a folder; links to folders are not followed: put the folder itself there)")
         dirs[:] = [d for d in dirs if not (here / d).is_symlink()]
         for name in files:
             path = here / name
-            shown = (rel / name).as_posix()
-            if path.is_symlink():
+            shown = shown_name((rel / name).as_posix())
+            if why := name_problem((rel / name).as_posix(), dst):
+                problems.append(f"{shown} ({why})")
+            elif path.is_symlink():
                 real = Path(os.path.realpath(path))
                 if not real.exists():
                     problems.append(f"{shown} -> {os.readlink(path)} (a dangling link: its target does not exist)")
@@ -173,13 +196,14 @@ def copy_tree(src: Path, dst: Path) -> None:
     if problems:
         more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
         raise UserError(f"data.source folder {src} has entries that are not copied: {', '.join(problems[:5])}"
-                        f"{more}; nothing was copied. Replace each link by the file or folder itself, or remove it")
+                        f"{more}; nothing was copied. Replace each link by the file or folder itself, rename each "
+                        "file as its reason says, or remove it")
     for folder, dirs, _ in os.walk(root):
         rel = Path(folder).relative_to(root)
         (dst / rel).mkdir(parents=True, exist_ok=True)
         dirs[:] = [d for d in dirs if not (Path(folder) / d).is_symlink()]
     for file, rel in plan:
-        link_or_copy(file, dst / rel)
+        copy_file(file, dst / rel)
 
 
 def count_files(folder: Path) -> int:
@@ -188,73 +212,21 @@ def count_files(folder: Path) -> int:
 
 # ----------------------------------------------------------------- http(s)
 def download_url(url: str, downloads: Path, sha256: str | None, max_bytes: int) -> Path:
-    """Download `url` into `downloads`, resuming a partial file; return the archive path.
+    """Download `url` into `downloads`, resuming a partial file (`cxrlab.data.web`); return the archive path.
 
     A file whose sha256 does not match is deleted and reported; so is one
     larger than `max_bytes` (an archive is no larger than what it unpacks to).
     """
     downloads.mkdir(parents=True, exist_ok=True)
     name = Path(urllib.parse.urlparse(url).path).name or "download"
-    key = hashlib.sha256(url.encode()).hexdigest()[:12]
-    final = downloads / f"{key}-{name}"
+    final = downloads / web.short_name(hashlib.sha256(url.encode()).hexdigest()[:12], name)
     part = final.with_name(final.name + ".part")
 
     if final.exists():
         if sha256 and file_sha256(final) == sha256.lower():
             return final  # a verified earlier download
         final.unlink()
-
-    have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url)
-    if have:
-        request.add_header("Range", f"bytes={have}-")
-    try:
-        response = urllib.request.urlopen(request, timeout=NETWORK_TIMEOUT_S)
-    except urllib.error.HTTPError as err:
-        if err.code == 416 and have:  # nothing left to fetch, or a stale part: start over
-            part.unlink()
-            return download_url(url, downloads, sha256, max_bytes)
-        raise UserError(f"downloading {url} failed: HTTP {err.code} {err.reason}; check the URL") from None
-    except (urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
-        raise UserError(f"cannot download {url} ({reason}). {LOCAL_SOURCE_HINT}") from None
-
-    def too_large(size: str) -> UserError:
-        part.unlink(missing_ok=True)
-        return UserError(f"{url} is {size}, more than data.max_unpacked_gb ({max_bytes / 1e9:.3g} GB); nothing "
-                         "was kept. Raise data.max_unpacked_gb in params.yaml if the dataset is really that large")
-
-    with response:
-        resumed = have and response.status == 206
-        mode = "ab" if resumed else "wb"
-        start = have if resumed else 0
-        length = response.headers.get("Content-Length")
-        total = start + int(length) if length else None
-        if total is not None and total > max_bytes:
-            raise too_large(f"{total / 1e9:.3g} GB")
-        with open(part, mode) as out, tqdm(
-            total=total, initial=start, unit="B", unit_scale=True, desc=f"download {name}"
-        ) as bar:
-            while True:
-                try:
-                    chunk = response.read(CHUNK)
-                except (OSError, urllib.error.URLError) as err:  # the network; a full disk is not caught here
-                    raise UserError(
-                        f"download of {url} broke off after {out.tell()} bytes ({err}); "
-                        "run the stage again to resume"
-                    ) from None
-                if not chunk:
-                    break
-                if out.tell() + len(chunk) > max_bytes:
-                    out.close()
-                    raise too_large(f"more than {max_bytes} bytes")
-                out.write(chunk)
-                bar.update(len(chunk))
-    if total is not None and part.stat().st_size != total:
-        raise UserError(
-            f"download of {url} ended early ({part.stat().st_size} of {total} bytes); "
-            "run the stage again to resume"
-        )
+    web.download(url, part, max_bytes, name)
     os.replace(part, final)
     if sha256:
         check_sha256(final, sha256, delete=True)

@@ -16,7 +16,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cxrlab.data.images import is_image_name, natural_key
+from cxrlab.config.names import name_problem
+from cxrlab.data.images import is_image_file, natural_key
 from cxrlab.errors import UserError
 
 _SKIP_DIRS = {"__MACOSX", ".git", ".dvc"}
@@ -59,7 +60,8 @@ def find_class_folders(root: Path, classes: dict[str, str] | str) -> dict[str, P
 
 def find_all_class_folders(root: Path) -> dict[str, Path]:
     """`data.classes: auto`: every folder directly holding images, named after it, in natural order."""
-    holding = [Path(d).relative_to(root) for d, _, files in _walk(root) if any(map(is_image_name, files))]
+    holding = [Path(d).relative_to(root) for d, _, files in _walk(root)
+               if any(is_image_file(Path(d) / f) for f in files)]
     by_name: dict[str, list[Path]] = {}
     for folder in holding:
         by_name.setdefault(folder.name or root.name, []).append(folder)
@@ -76,6 +78,10 @@ def find_all_class_folders(root: Path) -> dict[str, Path]:
             f"({_preview(holding)}); a classifier needs at least two class folders. "
             "Point data.source at a folder with one subfolder per class"
         )
+    for name, hits in by_name.items():
+        if why := name_problem(name):
+            raise UserError(f"data.classes: auto: the class folder {str(root / hits[0])!r} cannot be a class: its "
+                            f"name {why}; rename the folder, or name the classes in data.classes")
     names = sorted(by_name, key=lambda n: (natural_key(n), n))
     return {name: root / by_name[name][0] for name in names}
 
@@ -85,10 +91,10 @@ def list_class(name: str, label: int, folder: Path) -> ClassFolder:
     images, ignored = [], []
     for entry in os.scandir(folder):
         if entry.is_file():
-            (images if is_image_name(entry.name) else ignored).append(entry.name)
+            (images if is_image_file(entry.path) else ignored).append(entry.name)
     if not images:
         raise UserError(f"class {name!r}: no images in {folder} "
-                        f"(looked for {', '.join(sorted({'.png', '.jpg', '.jpeg'}))} and other image files)")
+                        f"(looked for {', '.join(sorted({'.png', '.jpg', '.jpeg', '.dcm'}))} and other image files)")
     images.sort(key=lambda n: (natural_key(n), n))
     for prev, cur in zip(images, images[1:]):
         if natural_key(prev) == natural_key(cur):

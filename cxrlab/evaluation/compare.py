@@ -2,10 +2,12 @@
 
 On the same test images, each variant's best checkpoint is compared with the
 reference's: McNemar's exact test for accuracy (on the argmax decisions
-evaluate reported), and a paired stratified bootstrap (the same resampled
-images for both) for the differences in accuracy, F1 and ROC AUC. All
-p-values, every metric of every pair, are one Holm family, so the chance of
-any false "significant" in the whole table is at most `stats.alpha`.
+evaluate reported), a paired permutation (swap) test for F1 and ROC AUC,
+and a paired stratified bootstrap (the same resampled images for both) for
+the intervals of the differences in accuracy, F1 and ROC AUC. All p-values,
+every metric of every pair, are one Holm family, so the chance of any false
+"significant" in the whole table is at most `stats.alpha`; the permutations
+are raised above `stats.resamples` where needed so that Holm can reject.
 
 Like is paired with like: a variant's seeds are paired seed by seed with the
 reference's (the seed lists must be the same); an ensemble (its members'
@@ -25,12 +27,14 @@ import numpy as np
 from cxrlab import paths
 from cxrlab.config.load import Params
 from cxrlab.errors import UserError
-from cxrlab.evaluation import stats
+from cxrlab.evaluation import paired
 from cxrlab.io.fsio import read_json, write_json, write_text
 from cxrlab.io.records import read_rows
 
 METRICS = ("accuracy", "f1", "roc_auc")
 LABELS = {"accuracy": "accuracy", "f1": "F1", "roc_auc": "ROC AUC"}
+# Permutations are raised automatically up to this (memory and minutes); a family too large for it is warned of.
+MAX_PERMUTATIONS = 20_000
 
 
 class Scored:
@@ -57,16 +61,29 @@ class Scored:
         return np.mean(list(self.probs.values()), axis=0)
 
 
-def compare_pair(y, prob_ref, prob_var, pred_ref, pred_var, positive: int, st) -> dict:
-    """Variant minus reference on the same images; McNemar on the decisions `pred_*` (class indices)."""
-    boot = stats.paired_bootstrap(y, prob_ref, prob_var, positive, METRICS, st.resamples, st.seed, st.ci_level)
-    mc = stats.mcnemar_exact(pred_ref == y, pred_var == y)
+def compare_pair(y, prob_ref, prob_var, pred_ref, pred_var, positive: int, st, permutations: int) -> dict:
+    """Variant minus reference on the same images; McNemar on the decisions `pred_*` (class indices), a
+    permutation test of F1 and ROC AUC; intervals from the paired bootstrap."""
+    boot = paired.paired_bootstrap(y, prob_ref, prob_var, positive, METRICS, st.resamples, st.seed, st.ci_level)
+    mc = paired.mcnemar_exact(pred_ref == y, pred_var == y)
     boot["accuracy"].update(p_value=mc["p_value"], p_at_floor=False, test="McNemar exact",
                             reference_right_variant_wrong=mc["a_right_b_wrong"],
                             reference_wrong_variant_right=mc["a_wrong_b_right"])
-    for name in ("f1", "roc_auc"):
-        boot[name]["test"] = "paired bootstrap"
+    tested = ("f1", "roc_auc")
+    p = paired.permutation_p_values(y, prob_ref, prob_var, positive, tested, permutations, st.seed)
+    for name in tested:
+        boot[name].update(p_value=p[name], test="paired permutation",
+                          p_at_floor=bool(p[name] is not None and p[name] <= paired.p_value_floor(permutations)))
     return boot
+
+
+def agrees(r: dict, alpha: float) -> bool | None:
+    """Whether the unadjusted interval and the raw p-value agree about 0 (interval excludes 0 iff p < alpha).
+    The bootstrap interval runs narrow on small test sets where the exact and permutation tests keep their
+    level: they can disagree, and then the test decides (the table marks it)."""
+    if r.get("low") is None or r.get("p_value") is None:
+        return None
+    return bool((r["low"] > 0 or r["high"] < 0) == (r["p_value"] < alpha))
 
 
 def _fmt_diff(name: str, r: dict) -> str:
@@ -75,11 +92,12 @@ def _fmt_diff(name: str, r: dict) -> str:
     if r["low"] is None:
         return "n/a"
     return (f"{r['difference'] * scale:+.{digits}f}{unit} "
-            f"[{r['low'] * scale:+.{digits}f}, {r['high'] * scale:+.{digits}f}]")
+            f"[{r['low'] * scale:+.{digits}f}, {r['high'] * scale:+.{digits}f}]"
+            + (" †" if r.get("interval_agrees") is False else ""))
 
 
 def _fmt_p(r: dict, floor: float) -> str:
-    """`p (Holm)`; a bootstrap p at its floor 2/(B+1) is an upper bound: `< 0.002`, Holm's then `≤`."""
+    """`p (Holm)`; a permutation p at its floor 1/(B+1) is an upper bound: `< 0.001`, Holm's then `≤`."""
     if r["p_value"] is None:
         return "n/a"
     star = " *" if r["significant"] else ""
@@ -89,7 +107,7 @@ def _fmt_p(r: dict, floor: float) -> str:
 
 
 def _round_up(value: float) -> str:
-    """Two significant digits, rounded up, so `< text` stays true (2/1001 -> 0.002)."""
+    """Two significant digits, rounded up, so `< text` stays true (1/1001 -> 0.001)."""
     exponent = int(np.floor(np.log10(value))) - 1
     return f"{np.ceil(value / 10.0 ** exponent) * 10.0 ** exponent:.2g}"
 
@@ -107,12 +125,16 @@ def markdown(result: dict, n_test: int) -> str:
         f"# Paired comparisons with `{ref}`",
         "",
         (f"Same {n_test} test images, best-on-validation checkpoints. Differences are variant minus {ref} "
-         f"with {level:.0%} paired bootstrap intervals (test sampling). p-values, then in brackets "
-         f"Holm-corrected ({family_text(result)}); * significant at {alpha}. Accuracy is tested with "
-         "McNemar's exact test on the argmax decisions, F1 and ROC AUC with the paired bootstrap, whose "
-         f"smallest p-value with {result['resamples']} resamples is {floor:.2g} (shown as < {_round_up(floor)}). "
-         "Variants are paired with the reference seed by seed; an ensemble with the reference's "
-         "seed-averaged probabilities."),
+         f"with {level:.0%} paired bootstrap intervals (test sampling, not Holm-adjusted). p-values, then in "
+         f"brackets Holm-corrected ({family_text(result)}); * significant at {alpha}: the test decides, not "
+         "the interval. Accuracy is tested with McNemar's exact test on the argmax decisions, F1 and ROC AUC "
+         f"with a paired permutation (swap) test, whose smallest p-value with {result['permutations']} "
+         f"permutations is {floor:.2g} (shown as < {_round_up(floor)}). "
+         + (f"{result['permutations_note']} " if result.get("permutations_note") else "")
+         + (f"**Warning: {result['warning']}.** " if result.get("warning") else "")
+         + "Variants are paired with the reference seed by seed; an ensemble with the reference's "
+         "seed-averaged probabilities. †: the interval and the unadjusted p-value disagree about 0 (the "
+         "bootstrap interval runs narrow on small test sets; the test decides)."),
         "",
         "| variant | pair | Δ accuracy | p (Holm) | Δ F1 | p (Holm) | Δ ROC AUC | p (Holm) |",
         "|---|---|---|---|---|---|---|---|",
@@ -162,6 +184,10 @@ def compare_all(params: Params) -> None:
                             "rerun evaluate (dvc repro)")
         check_seeds(ref, other, is_ensemble)
 
+    tests = len(METRICS) * sum(1 if is_ensemble else len(ref.probs) for _, is_ensemble in scored)
+    permutations = min(paired.permutations_for(tests, st.alpha, st.resamples),
+                       max(st.resamples, MAX_PERMUTATIONS))
+    warning = paired.holm_floor_warning(paired.p_value_floor(permutations), tests, st.alpha)
     pairs: dict[str, dict[str, dict]] = {}
     for other, is_ensemble in scored:
         pairs[other.name] = {}
@@ -169,26 +195,37 @@ def compare_all(params: Params) -> None:
             (run, prob), = other.probs.items()
             mean_ref = ref.mean_probs()
             pairs[other.name][f"seed_{run}_vs_mean_of_{'+'.join(ref.probs)}"] = compare_pair(
-                y, mean_ref, prob, mean_ref.argmax(1), other.predicted[run], positive, st)
+                y, mean_ref, prob, mean_ref.argmax(1), other.predicted[run], positive, st, permutations)
             continue
         for seed in ref.probs:
             pairs[other.name][f"seed_{seed}"] = compare_pair(
-                y, ref.probs[seed], other.probs[seed], ref.predicted[seed], other.predicted[seed], positive, st)
+                y, ref.probs[seed], other.probs[seed], ref.predicted[seed], other.predicted[seed], positive, st,
+                permutations)
 
     family = [r[m] for by_seed in pairs.values() for r in by_seed.values() for m in METRICS]
-    for r, p in zip(family, stats.holm([r["p_value"] for r in family])):
+    for r, p in zip(family, paired.holm([r["p_value"] for r in family])):
         r["p_holm"] = p
         r["significant"] = bool(p is not None and p < st.alpha)
+        r["interval_agrees"] = agrees(r, st.alpha)
 
     result = {"reference": ref_name, "alpha": st.alpha, "ci_level": st.ci_level, "resamples": st.resamples,
-              "p_value_floor": stats.p_value_floor(st.resamples), "tests": len(family)}
+              "permutations": permutations, "p_value_floor": paired.p_value_floor(permutations),
+              "tests": len(family)}
+    if permutations > st.resamples:
+        result["permutations_note"] = (f"Permutations raised from stats.resamples = {st.resamples} to "
+                                       f"{permutations} so that the smallest p-value times the {len(family)} "
+                                       f"tests stays at most alpha / 2 (Holm could otherwise never reject).")
     result["family"] = family_text(result)
+    if warning:
+        result["warning"] = warning
     result["pairs"] = pairs
     write_json(paths.COMPARISON_REPORT, result)
     write_json(paths.COMPARISON, headline(pairs))
     table = markdown(result, len(y))
     write_text(paths.COMPARISON_TABLE, table)
     print(table)
+    if warning:
+        print(f"compare: warning: {warning}")
 
 
 def headline(pairs: dict[str, dict[str, dict]]) -> dict[str, dict[str, float]]:

@@ -2,30 +2,38 @@
 
 Writes to `metrics/evaluate/<variant>/`:
 - `metrics.json`: `{<variant>: headline}`, the numbers of the best checkpoint
-  for `dvc exp show` (`scoring.HEADLINE`: accuracy, F1, sensitivity, specificity, ROC AUC,
-  ECE, the operating point's test sensitivity and specificity, and the 95 %
-  bounds of F1, ROC AUC and the operating sensitivity); numbers only;
+  for `dvc exp show` (`scoring.HEADLINE`: accuracy, F1, sensitivity, specificity at
+  the operating threshold (the argmax without one), ROC AUC, ECE, the 95 %
+  bounds of F1 and ROC AUC, the lower bound of sensitivity, and the threshold);
+  numbers only;
 - `report.json`: everything: for `best` (the epoch chosen on validation) and `last`,
-  at the argmax (0.5) decision: accuracy, the positive class's F1,
-  sensitivity, specificity and precision, ROC AUC, macro averages, each with
-  its bootstrap interval beside it (`accuracy_ci`); per-class values keyed by
-  class name; the confusion matrix {true: {predicted: count}}; the expected
-  calibration error; and `operating_point`: the threshold chosen on
-  validation for `evaluate.target_sensitivity` (each seed's own), the test
-  sensitivity and specificity there (with intervals) and whether they meet
-  the screening target of `evaluate.screening`. With several seeds: the
-  mean over seeds, `_sd` across seeds, and each seed's own report under
-  `per_seed`; `intervals` says what the intervals cover;
+  `operating_point`: the threshold chosen on validation for
+  `evaluate.target_sensitivity` by `evaluate.threshold_rule` (each seed's
+  own), the test sensitivity and specificity there (with intervals) and the
+  verdict on the screening target of `evaluate.screening` (met / not met /
+  inconclusive from the intervals); at that threshold (the one decision rule
+  of every output: predict, the page, explain, the figures; the argmax (0.5)
+  where validation gives none): accuracy, the positive class's F1,
+  sensitivity, specificity and precision, macro averages, each with its
+  interval beside it (`accuracy_ci`: exact Clopper-Pearson for the
+  proportions, bootstrap for the rest, `interval_methods`); per-class values
+  keyed by class name; the confusion matrix {true: {predicted: count}}; ROC
+  AUC; the expected calibration error with its interval and the ECE of a
+  perfectly calibrated model (`ece_calibrated`); and under `argmax` the same
+  decision metrics at the argmax (0.5), a secondary view. With several
+  seeds: the mean over seeds, `_sd` across seeds, and each seed's own report
+  under `per_seed`; `intervals` says what the intervals cover;
 - `predictions.csv`: per seed and test image, each checkpoint's class
-  probabilities (exact: they read back bit for bit) and prediction, and the
-  best checkpoint's decision at the operating threshold;
+  probabilities (exact: they read back bit for bit), its argmax
+  (`<which>_predicted`), its operating threshold and its decision there
+  (`<which>_threshold`, `<which>_decision`: the argmax without a threshold);
 - `calibration.csv`: the reliability bins of each seed's best checkpoint;
 - `val_predictions.csv`: per seed and validation image, each checkpoint's
   class probabilities: the images the operating threshold is chosen on (the
   hold-out; with `data.folds` every training image, out of fold, the column
   `fold` naming the model that held it out);
-- `plots/sklearn/`: DVCLive's confusion matrix, ROC and precision-recall of
-  the first seed's best checkpoint.
+- `plots/sklearn/`: DVCLive's confusion matrix (at the operating threshold),
+  ROC and precision-recall of the first seed's best checkpoint.
 
 With `data.folds: k` a seed's test probabilities are the mean of its k
 fold models' and its validation set is the pooled out-of-fold predictions;
@@ -51,7 +59,9 @@ from cxrlab import paths
 from cxrlab.config.load import Params
 from cxrlab.data.datasets import Split, eval_batch_size, prepared_image_size
 from cxrlab.errors import UserError
+from cxrlab.evaluation import stats
 from cxrlab.evaluation.folds import ScoringData, describe, fold_loaders, fold_report, pool_out_of_fold, scoring_data
+from cxrlab.evaluation.metrics import decide
 from cxrlab.evaluation.scoring import (
     INTERVALS,
     MIN_SEEDS_TO_RESAMPLE,
@@ -181,10 +191,14 @@ def report_and_write(title: str, out: Path, header: dict, seeds: list[Hashable],
     runs = [f"seed_{s}" for s in seeds]
     kind = interval_kind(len(seeds), st)
     report: dict = {**header,
-                    "method": (f"{st.ci_level:.0%} intervals: percentile bootstrap, {st.resamples} resamples; "
-                               "headline metrics at the argmax (0.5) decision"
+                    "method": (f"{st.ci_level:.0%} intervals: exact (Clopper-Pearson) for accuracy, sensitivity, "
+                               "specificity and precision; percentile bootstrap, "
+                               f"{st.resamples} resamples, for F1, ROC AUC, macro averages and ECE; "
+                               "headline metrics at each run's operating threshold (`decision`), the argmax "
+                               "(0.5) where there is none; `argmax`: at the argmax"
                                + (f", the mean over {len(seeds)} seeds" if len(seeds) > 1 else "")),
-                    "intervals": INTERVALS[kind]}
+                    "intervals": INTERVALS[kind], "interval_kind": kind,
+                    "interval_methods": stats.interval_methods(kind == "seeds+test")}
     if st.resample_seeds and kind == "test":
         report["intervals_note"] = (f"stats.resample_seeds needs >= {MIN_SEEDS_TO_RESAMPLE} seeds; "
                                     f"with {len(seeds)} the intervals cover test sampling only")
@@ -209,11 +223,13 @@ def report_and_write(title: str, out: Path, header: dict, seeds: list[Hashable],
     if len(seeds) > 1:
         report["per_seed"] = per_seed
 
+    thresholds = {which: {run: per_seed[run][which]["threshold"] for run in runs} for which in CHECKPOINTS}
     out.mkdir(parents=True, exist_ok=True)
     first = probs["best"][seeds[0]].astype(np.float64)  # DVCLive writes JSON: no float32
     pos = classes.index(positive)
+    decided = decide(first, pos, thresholds["best"][runs[0]])  # the decision of the headline metrics
     live = Live(str(out), dvcyaml=False, save_dvc_exp=False)
-    live.log_sklearn_plot("confusion_matrix", [classes[i] for i in y], [classes[i] for i in first.argmax(1)],
+    live.log_sklearn_plot("confusion_matrix", [classes[i] for i in y], [classes[i] for i in decided],
                           name="confusion_matrix.json")
     live.log_sklearn_plot("roc", (y == pos).astype(int), first[:, pos], name="roc.json")
     live.log_sklearn_plot("precision_recall", (y == pos).astype(int), first[:, pos], name="precision_recall.json")
@@ -222,20 +238,18 @@ def report_and_write(title: str, out: Path, header: dict, seeds: list[Hashable],
     columns = ["seed", "filename", "class", "label"]
     for which in CHECKPOINTS:
         columns += [f"{which}_prob_{c}" for c in classes] + [f"{which}_predicted"]
-    columns += ["best_threshold", "best_decision"]
+    columns += [f"{which}_{c}" for which in CHECKPOINTS for c in ("threshold", "decision")]
     rows = []
     for seed, run in zip(seeds, runs):
-        op = per_seed[run]["best"].get("operating_point")
-        threshold = (op.get("thresholds") or {}).get(run) if op else None
         for i, r in enumerate(test.rows):
             line = [seed, r["filename"], r["class"], r["label"]]
             for which in CHECKPOINTS:
                 p = probs[which][seed][i]
                 line += [exact(v) for v in p] + [classes[int(p.argmax())]]
-            p = probs["best"][seed][i]
-            decision = classes[int(p.argmax())] if threshold is None else \
-                classes[pos] if p[pos] >= threshold else classes[1 - pos]
-            line += ["" if threshold is None else exact(threshold), decision]
+            for which in CHECKPOINTS:
+                threshold = thresholds[which][run]
+                line += ["" if threshold is None else exact(threshold),
+                         classes[int(decide(probs[which][seed][i], pos, threshold))]]
             rows.append(line)
     write_rows(out / "predictions.csv", columns, rows)
     write_rows(out / "calibration.csv", ["seed", "bin", "low", "high", "count", "confidence", "accuracy"],
@@ -260,18 +274,18 @@ def exact(value) -> str:
 
 
 def headline_line(title: str, m: dict, positive: str) -> str:
-    """One line of the stage output: the headline metrics and the operating point."""
+    """One line of the stage output: the decision rule, the headline metrics at it, the screening verdict."""
     ci = m["accuracy_ci"]
     auc = f"{m['roc_auc']:.4f}" if m["roc_auc"] is not None else "n/a"
-    line = (f"{title}: accuracy {m['accuracy']:.4f} "
+    op = m.get("operating_point")
+    if op and op.get("thresholds"):
+        rule = f"p({positive}) >= " + ", ".join(f"{t:.3f}" for t in op["thresholds"].values())
+    else:
+        rule = "the argmax"
+    line = (f"{title} at {rule}: accuracy {m['accuracy']:.4f} "
             f"[{ci['low']:.4f}, {ci['high']:.4f}], F1({positive}) {m['f1']:.4f}, "
             f"sensitivity {m['sensitivity']:.4f}, specificity {m['specificity']:.4f}, ROC AUC {auc}, "
             f"ECE {m['ece']:.4f}")
-    op = m.get("operating_point")
-    if op and op.get("thresholds"):
-        thresholds = ", ".join(f"{t:.3f}" for t in op["thresholds"].values())
-        line += (f"; at threshold {thresholds}: sensitivity {op['test']['sensitivity']:.4f}, "
-                 f"specificity {op['test']['specificity']:.4f}")
-        if op.get("target"):
-            line += f", {op['target']['name']} {'met' if op['meets_target'] else 'not met'}"
+    if op and op.get("thresholds") and op.get("target"):
+        line += f"; {op['target']['name']}: {op.get('verdict', 'n/a')} (read on the exact intervals)"
     return line

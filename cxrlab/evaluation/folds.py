@@ -3,7 +3,7 @@
 Without folds the validation set is the hold-out (`subset=val`). With k folds
 it is the whole training part, each image predicted by the one fold model
 that did not train on it (out of fold, "OOF"): the operating threshold is
-chosen on these pooled predictions, k / val_fraction times more positives
+chosen on these pooled predictions, 1 / val_fraction times more positives
 than one hold-out has, while each fold model's own validation metrics (on
 its fold) show how much the choice of held-out images moves the numbers.
 The test probabilities of a seed are the mean of its k fold models'.

@@ -48,14 +48,24 @@ def cross_entropy(y_true: np.ndarray, prob: np.ndarray) -> float:
     return float(-np.mean(np.log(np.clip(picked, 1e-12, None))))
 
 
-def classification_metrics(y_true, prob, classes: list[str], positive: str) -> dict:
-    """Every test metric of predictions `prob` (N x k probabilities) against `y_true`."""
+def decide(prob: np.ndarray, positive: int, threshold: float | None = None) -> np.ndarray:
+    """The class decided for each row of `prob`: the argmax, or for two classes with an operating
+    `threshold` the positive class iff its probability is >= the threshold (the rule of every output)."""
+    prob = np.asarray(prob)
+    if threshold is None or prob.shape[-1] != 2:
+        return prob.argmax(axis=-1)
+    return np.where(prob[..., positive] >= threshold, positive, 1 - positive)
+
+
+def classification_metrics(y_true, prob, classes: list[str], positive: str, threshold: float | None = None) -> dict:
+    """Every test metric of predictions `prob` (N x k probabilities) against `y_true`, decided by
+    `decide` (at `threshold` when given); ROC AUC and the loss use the probabilities alone."""
     y_true = np.asarray(y_true, dtype=np.int64)
     prob = np.asarray(prob, dtype=np.float64)
     k = len(classes)
     pos = classes.index(positive)
     labels = list(range(k))
-    y_pred = prob.argmax(axis=1)
+    y_pred = decide(prob, pos, threshold)
     cm = confusion_matrix(y_true, y_pred, labels=labels)
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=labels, zero_division=0

@@ -1,21 +1,24 @@
 """The statistics behind trustworthy comparisons.
 
-- Confidence intervals by stratified bootstrap: each resample draws, within
-  every class, as many images as the class has, with replacement, so class
-  sizes stay those of the test set; the interval is the percentile interval
-  of the metric over resamples. Everything is vectorised over resamples
-  (confusion counts with one `bincount`, ROC AUC from ranks), so 1,000
-  resamples of 920 images take well under a second.
+- Proportions (accuracy, and sensitivity, specificity and precision of the
+  positive class) get exact Clopper-Pearson intervals, which keep their
+  coverage at 0 and 1 where a percentile bootstrap collapses (24/24 gives
+  [0.858, 1], not [1, 1]). F1, ROC AUC, macro averages and ECE get a
+  stratified bootstrap: each resample draws, within every class, as many
+  images as the class has, with replacement; the interval is the percentile
+  interval over resamples. Vectorised over resamples (confusion counts with
+  one `bincount`, ROC AUC from ranks).
 - Several seeds: optionally a two-level (hierarchical) bootstrap that also
   resamples the seeds, so the interval covers training noise as well.
-- Paired comparisons on the same test images: McNemar's exact test on the
-  discordant pairs, and paired bootstrap intervals of metric differences;
-  bootstrap p-values are never 0 (the (1 + count) / (B + 1) form); p-values
-  are Holm-corrected over one family.
+- A verdict against a target reads an interval (`verdict`): met when the
+  lower bound reaches it, not met when the upper bound is below it, else
+  inconclusive.
+- Paired comparisons: `cxrlab.evaluation.paired`.
 - The operating point: an order statistic of the validation positives'
-  scores chosen so that the expected sensitivity on new data reaches the
-  target, with the Clopper-Pearson interval of the validation sensitivity.
-- Calibration: expected calibration error of the top-label confidence.
+  scores, by the expected rule (expected sensitivity on new data >= target)
+  or the tolerance rule (sensitivity >= target with probability >= 0.95).
+- Calibration: expected calibration error of the top-label confidence, its
+  bootstrap interval and the ECE a perfectly calibrated model would show.
 """
 
 from __future__ import annotations
@@ -23,11 +26,34 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.stats import binomtest, rankdata
+from scipy.stats import beta, binom, binomtest, rankdata
 
 # Metrics that get an interval, by their key in the evaluate metrics JSON.
 INTERVAL_METRICS = ("accuracy", "f1", "sensitivity", "specificity", "precision", "roc_auc",
                     "macro.precision", "macro.recall", "macro.specificity", "macro.f1")
+# Those that are proportions of images: an exact (Clopper-Pearson) interval instead of the bootstrap's.
+PROPORTIONS = ("accuracy", "sensitivity", "specificity", "precision")
+EXACT = "exact (Clopper-Pearson)"
+BOOTSTRAP = "percentile bootstrap"
+
+
+def verdict(low: float | None, high: float | None, target: float) -> str:
+    """'met' when the interval's lower bound reaches the target, 'not met' when its upper bound is below it,
+    else 'inconclusive'; 'inconclusive' too when a bound is missing."""
+    if low is None or high is None:
+        return "inconclusive"
+    if low >= target:
+        return "met"
+    if high < target:
+        return "not met"
+    return "inconclusive"
+
+
+def joint_verdict(verdicts: list[str]) -> str:
+    """All targets met: 'met'; any not met: 'not met'; else 'inconclusive'."""
+    if "not met" in verdicts:
+        return "not met"
+    return "met" if all(v == "met" for v in verdicts) else "inconclusive"
 
 
 # ----------------------------------------------------------------- resampling
@@ -107,17 +133,21 @@ def per_model_metrics(y: np.ndarray, probs: list[np.ndarray], idx: np.ndarray, p
     the argmax.
     """
     y_b = np.asarray(y)[idx]
-    k = probs[0].shape[1]
     thresholds = thresholds or [None] * len(probs)
     rows: dict[str, list[np.ndarray]] = {}
     for prob, threshold in zip(probs, thresholds):
-        p_b = np.asarray(prob)[idx]
-        pred = predict_labels(p_b, positive, threshold)
-        values = metrics_from_confusion(confusion_batch(y_b, pred, k), positive)
-        values["roc_auc"] = auc_batch(y_b, p_b, positive)
-        for name, v in values.items():
+        for name, v in batch_metrics(y_b, np.asarray(prob)[idx], positive, threshold).items():
             rows.setdefault(name, []).append(v)
     return {name: np.stack(v) for name, v in rows.items()}
+
+
+def batch_metrics(y_b: np.ndarray, p_b: np.ndarray, positive: int, threshold: float | None = None
+                  ) -> dict[str, np.ndarray]:
+    """Each headline metric of each row of labels `y_b` (B x N) and probabilities `p_b` (B x N x k)."""
+    pred = predict_labels(p_b, positive, threshold)
+    values = metrics_from_confusion(confusion_batch(y_b, pred, p_b.shape[-1]), positive)
+    values["roc_auc"] = auc_batch(y_b, p_b, positive)
+    return values
 
 
 def resampled_metrics(y: np.ndarray, probs: list[np.ndarray], idx: np.ndarray, positive: int,
@@ -177,70 +207,54 @@ def bootstrap_intervals(y, probs: list[np.ndarray], positive: int, resamples: in
     return {name: percentile_interval(dist[name], level) for name in INTERVAL_METRICS}
 
 
-# -------------------------------------------------------- paired comparisons
-def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
-    """McNemar's exact test: two-sided binomial test of the discordant pairs.
-
-    `b`: images A gets right and B wrong; `c`: the reverse.
-    """
-    correct_a, correct_b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
-    b = int(np.sum(correct_a & ~correct_b))
-    c = int(np.sum(~correct_a & correct_b))
-    p = 1.0 if b + c == 0 else float(binomtest(min(b, c), b + c, 0.5).pvalue)
-    return {"a_right_b_wrong": b, "a_wrong_b_right": c, "p_value": min(p, 1.0)}
-
-
-def bootstrap_p_value(diff: np.ndarray) -> float | None:
-    """Two-sided bootstrap p-value of "no difference" from the resampled differences `diff`.
-
-    (1 + the count in the smaller tail) / (B + 1), doubled and capped at 1: the
-    resamples count as draws beside the observed data (Davison & Hinkley 1997,
-    eq. 4.11), so p is never 0; its floor 2 / (B + 1) means "at most this"
-    (see `p_value_floor`).
-    """
-    diff = np.asarray(diff)
-    diff = diff[np.isfinite(diff)]
-    if diff.size == 0:
-        return None
-    tail = min(int(np.sum(diff <= 0)), int(np.sum(diff >= 0)))
-    return min(1.0, 2 * (1 + tail) / (diff.size + 1))
+def proportion_counts(y, probs: list[np.ndarray], positive: int, thresholds: list[float | None] | None = None
+                      ) -> dict[str, tuple[float, float]]:
+    """{proportion: (successes, trials)} of each of `PROPORTIONS`, the mean over `probs`' models (a seed
+    mean can be fractional; a precision's trials, the images called positive, differ between models)."""
+    y = np.asarray(y)
+    thresholds = thresholds or [None] * len(probs)
+    counts = []
+    for prob, threshold in zip(probs, thresholds):
+        pred = predict_labels(np.asarray(prob), positive, threshold)
+        tp = np.sum((pred == positive) & (y == positive))
+        called, actual = np.sum(pred == positive), np.sum(y == positive)
+        tn = np.sum((pred != positive) & (y != positive))
+        counts.append([np.sum(pred == y), len(y), tp, actual, tn, len(y) - actual, tp, called])
+    c = np.mean(counts, axis=0)
+    return {"accuracy": (c[0], c[1]), "sensitivity": (c[2], c[3]), "specificity": (c[4], c[5]),
+            "precision": (c[6], c[7])}
 
 
-def p_value_floor(resamples: int) -> float:
-    """The smallest p-value `bootstrap_p_value` gives with `resamples` resamples."""
-    return 2 / (resamples + 1)
+def exact_interval(successes: float, trials: float, level: float) -> dict[str, float | None]:
+    """Clopper-Pearson from scipy's beta quantiles; they accept a fractional count (a mean over seeds),
+    where `binomtest` needs integers. Integer counts give exactly `clopper_pearson`'s interval."""
+    if trials <= 0:
+        return {"low": None, "high": None}
+    a = (1 - level) / 2
+    low = 0.0 if successes <= 0 else float(beta.ppf(a, successes, trials - successes + 1))
+    high = 1.0 if successes >= trials else float(beta.ppf(1 - a, successes + 1, trials - successes))
+    return {"low": low, "high": high}
 
 
-def paired_bootstrap(y, prob_a: np.ndarray, prob_b: np.ndarray, positive: int, metrics: tuple[str, ...],
-                     resamples: int, seed: int, level: float) -> dict[str, dict]:
-    """B minus A on the same resampled images: difference, interval and two-sided p-value."""
-    idx = stratified_indices(y, resamples, seed)
-    da = resampled_metrics(y, [prob_a], idx, positive)
-    db = resampled_metrics(y, [prob_b], idx, positive)
-    full = np.arange(len(y))[None, :]
-    point_a = resampled_metrics(y, [prob_a], full, positive)
-    point_b = resampled_metrics(y, [prob_b], full, positive)
-    out = {}
-    for name in metrics:
-        diff = db[name] - da[name]
-        diff = diff[np.isfinite(diff)]
-        p = bootstrap_p_value(diff)
-        out[name] = {"difference": float(point_b[name][0] - point_a[name][0]),
-                     **percentile_interval(diff, level), "p_value": p,
-                     "p_at_floor": bool(p is not None and p <= p_value_floor(diff.size))}
-    return out
+def intervals(y, probs: list[np.ndarray], positive: int, resamples: int, seed: int, level: float,
+              thresholds: list[float | None] | None = None, resample_models: bool = False) -> dict[str, dict]:
+    """The reported interval of every metric of `INTERVAL_METRICS`: exact for `PROPORTIONS` (at the
+    seed-mean counts), the bootstrap's for the rest. With `resample_models` a proportion's interval is
+    the envelope of its exact and its hierarchical-bootstrap interval, so it covers seed-to-seed spread
+    and does not collapse at 0 or 1."""
+    boot = bootstrap_intervals(y, probs, positive, resamples, seed, level, thresholds, resample_models)
+    for name, (x, n) in proportion_counts(y, probs, positive, thresholds).items():
+        exact = exact_interval(x, n, level)
+        if resample_models and boot[name]["low"] is not None and exact["low"] is not None:
+            exact = {"low": min(exact["low"], boot[name]["low"]), "high": max(exact["high"], boot[name]["high"])}
+        boot[name] = exact
+    return boot
 
 
-def holm(p_values: list[float | None]) -> list[float | None]:
-    """Holm-Bonferroni adjusted p-values, in the input order (None stays None)."""
-    present = [(p, i) for i, p in enumerate(p_values) if p is not None]
-    m = len(present)
-    adjusted: list[float | None] = [None] * len(p_values)
-    running = 0.0
-    for rank, (p, i) in enumerate(sorted(present)):
-        running = max(running, min(1.0, (m - rank) * p))
-        adjusted[i] = running
-    return adjusted
+def interval_methods(resample_models: bool = False) -> dict[str, str]:
+    """What computed each metric's interval of `intervals` (and the ECE's), by metric."""
+    prop = EXACT + (" widened to the hierarchical bootstrap's" if resample_models else "")
+    return {name: prop if name in PROPORTIONS else BOOTSTRAP for name in (*INTERVAL_METRICS, "ece")}
 
 
 # ---------------------------------------------------------- operating point
@@ -250,36 +264,57 @@ MIN_POSITIVES = 5
 FEW_POSITIVES = 30
 
 
-def threshold_rank(n_positives: int, target: float) -> int:
-    """k of the rule "the threshold is the k-th lowest validation positive score": k = floor((1 - target)(n + 1)).
+# The threshold rules (`evaluate.threshold_rule`) and the confidence of the tolerance rule.
+RULES = ("expected", "tolerance")
+TOLERANCE_CONFIDENCE = 0.95
 
-    For continuous scores, a new positive falls below the k-th lowest of n
-    exchangeable positive scores with probability k / (n + 1), so the
-    expected sensitivity on new data is 1 - k / (n + 1) >= target (a
-    conformal-prediction bound). Reaching exactly the target on validation
-    (the naive rule) is optimistic: its expected sensitivity falls short.
-    0 when n is too small for any order statistic to guarantee the target.
+
+def threshold_rank(n_positives: int, target: float, rule: str = "expected") -> int:
+    """k of the rule "the threshold is the k-th lowest validation positive score"; 0 when no k qualifies.
+
+    For continuous scores and a new positive exchangeable with the n
+    validation positives, the true sensitivity of the k-th lowest score is
+    Beta(n + 1 - k, k): its mean is 1 - k / (n + 1), and it reaches t with
+    probability P(Binomial(n, 1 - t) >= k).
+    - `expected`: k = floor((1 - t)(n + 1)), the largest k whose expected
+      sensitivity is >= t (a conformal bound); 35-47 % of runs still fall
+      short of t (`shortfall_probability`).
+    - `tolerance`: the largest k with P(Binomial(n, 1 - t) >= k) >= 0.95, so
+      sensitivity >= t with 95 % probability; needs n >= 29 at t = 0.9.
     """
+    if rule == "tolerance":
+        ks = np.arange(1, n_positives + 1)
+        # sf(k - 1) = P(X >= k) falls with k: the qualifying k are 1..count
+        return int(np.sum(binom.sf(ks - 1, n_positives, 1 - target) >= TOLERANCE_CONFIDENCE))
     # the 1e-9 absorbs float error, e.g. (1 - 0.9) * 10 = 0.9999999999999998
     return math.floor((1 - target) * (n_positives + 1) + 1e-9)
 
 
-def min_positives(target: float) -> int:
+def shortfall_probability(n_positives: int, k: int, target: float) -> float:
+    """P(the true sensitivity of the k-th lowest of n validation positive scores < target) = P(Bin(n, 1-t) < k)."""
+    return float(binom.cdf(k - 1, n_positives, 1 - target))
+
+
+def min_positives(target: float, rule: str = "expected") -> int:
     """The fewest validation positives for which the rule gives a threshold."""
-    needed = math.ceil(1 / (1 - target) - 1 - 1e-9)  # threshold_rank >= 1
+    if rule == "tolerance":  # k >= 1: 1 - t^n >= confidence
+        needed = math.ceil(math.log(1 - TOLERANCE_CONFIDENCE) / math.log(target) - 1e-9)
+    else:
+        needed = math.ceil(1 / (1 - target) - 1 - 1e-9)  # threshold_rank >= 1
     return max(MIN_POSITIVES, needed)
 
 
-def threshold_for_sensitivity(is_positive: np.ndarray, score: np.ndarray, target: float) -> float | None:
-    """The k-th lowest positive score, k = `threshold_rank`: expected sensitivity on new data >= target.
+def threshold_for_sensitivity(is_positive: np.ndarray, score: np.ndarray, target: float,
+                              rule: str = "expected") -> float | None:
+    """The k-th lowest positive score, k = `threshold_rank` of `rule`.
 
     A prediction is positive when its score is >= the threshold. None with
-    fewer positives than `min_positives(target)`.
+    fewer positives than `min_positives(target, rule)`.
     """
     pos_scores = np.sort(np.asarray(score)[np.asarray(is_positive, bool)])
-    if pos_scores.size < min_positives(target):
+    if pos_scores.size < min_positives(target, rule):
         return None
-    return float(pos_scores[threshold_rank(pos_scores.size, target) - 1])
+    return float(pos_scores[threshold_rank(pos_scores.size, target, rule) - 1])
 
 
 def clopper_pearson(successes: int, trials: int, level: float) -> dict[str, float | None]:
@@ -312,3 +347,41 @@ def calibration(y: np.ndarray, prob: np.ndarray, bins: int) -> tuple[float, list
             ece += n / len(y) * abs(row["accuracy"] - row["confidence"])
         table.append(row)
     return float(ece), table
+
+
+def ece_batch(y_b: np.ndarray, p_b: np.ndarray, bins: int) -> np.ndarray:
+    """The ECE of each row of labels `y_b` (B x N) and probabilities `p_b` (B x N x k), as `calibration`:
+    per bin, n/N x |accuracy - confidence| = |sum(correct) - sum(confidence)| / N."""
+    confidence = p_b.max(axis=-1)
+    return _ece_rows(confidence, p_b.argmax(axis=-1) == y_b, bins)
+
+
+def _ece_rows(confidence: np.ndarray, correct: np.ndarray, bins: int) -> np.ndarray:
+    rows, n = confidence.shape
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    flat = (np.arange(rows)[:, None] * bins + which).ravel()
+    gap = (np.bincount(flat, correct.ravel().astype(float), rows * bins)
+           - np.bincount(flat, confidence.ravel(), rows * bins))
+    return np.abs(gap.reshape(rows, bins)).sum(axis=1) / n
+
+
+def ece_interval(y, probs: list[np.ndarray], bins: int, resamples: int, seed: int, level: float
+                 ) -> dict[str, float | None]:
+    """Percentile bootstrap interval of the ECE (the mean over `probs`' models), stratified test resamples.
+    ECE is biased upwards on few images: read it beside `calibrated_ece`."""
+    idx = stratified_indices(y, resamples, seed)
+    y_b = np.asarray(y)[idx]
+    dist = np.mean([ece_batch(y_b, np.asarray(p, float)[idx], bins) for p in probs], axis=0)
+    return percentile_interval(dist, level)
+
+
+def calibrated_ece(probs: list[np.ndarray], bins: int, draws: int, seed: int) -> float:
+    """The mean ECE that a perfectly calibrated model with these confidences would show on this many
+    images: each image right with probability its confidence, `draws` simulated test sets per model.
+    Not 0: at 24 images about 0.18, so an ECE near this value is no evidence of miscalibration."""
+    rng = np.random.default_rng([seed, 3])
+    means = []
+    for p in probs:
+        confidence = np.broadcast_to(np.asarray(p, float).max(axis=-1), (draws, len(p)))
+        means.append(_ece_rows(confidence, rng.random(confidence.shape) < confidence, bins).mean())
+    return float(np.mean(means))

@@ -1,7 +1,10 @@
 """Stage `explain@<variant>`: Grad-CAM heatmaps over test images, by kind of outcome.
 
-The first seed's `explain.checkpoint` (best or last) predicts the test set
-as the prediction command does (best: at evaluate's operating threshold).
+The first seed's `explain.checkpoint` (best or last; with `data.folds` the
+mean of its fold models) predicts the test set as the prediction command
+does: at the operating threshold evaluate chose for that checkpoint (the
+argmax where it chose none), so the groups' counts are the confusion matrix
+evaluate reports for the seed.
 The test images then fall into four groups with respect to
 `data.positive_class`: true positives, false negatives, false positives and
 true negatives. Of each group the `explain.per_group` most telling are shown
@@ -17,6 +20,7 @@ Writes to `explanations/<variant>/`:
 from __future__ import annotations
 
 import csv
+import textwrap
 
 import matplotlib
 
@@ -70,7 +74,8 @@ def draw_gallery(path, pictures: dict[str, list[tuple[np.ndarray, str]]], per_gr
             elif col == 0:
                 ax.text(0.5, 0.5, "none", ha="center", va="center", fontsize=9, color="grey")
         row[0].set_ylabel(f"{group}\n({len(items)} shown)", fontsize=9)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle("\n".join(textwrap.fill(line, int(16 * 2.3 * per_group)) for line in title.splitlines()),
+                 fontsize=10)
     fig.tight_layout()
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -86,10 +91,10 @@ def explain_variant(variant: str, params: Params) -> None:
     test = load_split("test")
     if not len(test):
         raise UserError(f"the test set in {paths.PREPARED} is empty; raise data.test_fraction")
-    path = paths.served_checkpoint(variant, seed, which)
-    ckpt = load_for_test(path, test.classes, prepared_image_size())
-    threshold = operating_threshold(variant, seed) if which == "best" else None
-    predictor = make_predictor(ckpt, path, positive_class, threshold, device=params.runtime.device)
+    files = paths.served_checkpoints(variant, seed, which)
+    ckpts = [load_for_test(path, test.classes, prepared_image_size()) for path in files]
+    threshold = operating_threshold(variant, seed, which)
+    predictor = make_predictor(ckpts, files, positive_class, threshold, device=params.runtime.device)
     positive = test.classes.index(positive_class)
 
     probs = predictor.probabilities(test.images, eval_batch_size(params.evaluate.batch_size, predictor.rt.device))
@@ -111,7 +116,7 @@ def explain_variant(variant: str, params: Params) -> None:
             rows.append([group, r["filename"], r["class"], f"{probs[i, positive]:.6f}", test.classes[decided[i]]])
     counts = ", ".join(f"{g} {int(np.sum(((test.labels == positive) == t) & ((decided == positive) == d)))}"
                        for g, t, d, _ in GROUPS)
-    fold = f" of fold_{ckpt['fold']} (one of the fold models)" if ckpt.get("fold") is not None else ""
+    fold = f" (the mean of {len(files)} fold models)" if len(files) > 1 else ""
     title = (f"{variant}, seed {seed}, {which} checkpoint{fold}: Grad-CAM of {positive_class} on test images, "
              f"decided by {predictor.rule.split(' (')[0]}\n{counts}")
 

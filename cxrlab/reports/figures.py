@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -16,9 +17,31 @@ from cxrlab.io.fsio import atomic_file  # noqa: E402
 
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    with atomic_file(path) as tmp:  # tight: a suptitle wider than one small panel is not clipped
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", pad_inches=0.15)
     plt.close(fig)
+
+
+def _wrap(text: str, inches: float, fontsize: float = 12) -> str:
+    """`text` broken into lines that fit `inches` of figure width at `fontsize` points (about 0.55 em a
+    character), so a title over one or two narrow panels stays readable instead of clipped."""
+    width = max(20, int(inches * 72 / (0.55 * fontsize)))
+    return "\n".join(textwrap.fill(line, width) for line in text.splitlines())
+
+
+PANELS_PER_ROW = 3  # grids of per-variant panels: at most this many across, so a figure fits a page
+
+
+def _panels(n: int, width: float, height: float):
+    """A grid of `n` panels, `PANELS_PER_ROW` across at most, each `width` x `height` inches; unused
+    panels hidden. Returns (figure, the n axes, the figure's width in inches)."""
+    cols = min(n, PANELS_PER_ROW)
+    rows = -(-n // cols)
+    fig_width = max(width * cols, 5.0)
+    fig, axes = plt.subplots(rows, cols, figsize=(fig_width, height * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n]), fig_width
 
 
 def _colors(variants: list[str]) -> dict[str, tuple]:
@@ -85,18 +108,19 @@ def metric_bars(values: dict[str, dict[str, float | None]], path: Path, title: s
     bottom = max(0.0, min(finite) - 0.05) if finite else 0.0
     ax.set_ylim(bottom, 1.0 + 0.01)
     ax.set_xticks(np.arange(len(metrics)), metrics)
-    ax.set_title(title)
+    ax.set_title(_wrap(title, fig.get_figwidth()))
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, ncol=min(len(variants), 5), loc="lower right")
     _save(fig, path)
 
 
 def confusion_matrices(matrices: dict[str, list[list[int]]], classes: list[str], path: Path,
-                       subtitles: dict[str, str] | None = None) -> None:
-    """Side-by-side confusion matrices (rows: true class, columns: predicted)."""
+                       subtitles: dict[str, str] | None = None,
+                       title: str = "Test confusion matrices (best epoch on validation)") -> None:
+    """Confusion matrices, one panel per variant (rows: true class, columns: predicted)."""
     variants = list(matrices)
-    fig, axes = plt.subplots(1, len(variants), figsize=(3.2 * len(variants), 3.4), squeeze=False)
-    for ax, v in zip(axes[0], variants):
+    fig, axes, width = _panels(len(variants), 3.4, 3.6)
+    for ax, v in zip(axes, variants):
         cm = np.asarray(matrices[v])
         ax.imshow(cm, cmap="Blues")
         for i in range(cm.shape[0]):
@@ -107,22 +131,29 @@ def confusion_matrices(matrices: dict[str, list[list[int]]], classes: list[str],
         ax.set_yticks(range(len(classes)), classes, fontsize=8)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
-        ax.set_title(v + (f"\n{subtitles[v]}" if subtitles and v in subtitles else ""), fontsize=9)
-    fig.suptitle("Test confusion matrices (best epoch on validation)")
+        ax.set_title(v + (f"\n{_wrap(subtitles[v], 3.2, 9)}" if subtitles and v in subtitles else ""), fontsize=9)
+    fig.suptitle(_wrap(title, width))
     _save(fig, path)
 
 
-def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float | None]], positive: str, path: Path) -> None:
-    """ROC curves of all variants on one set of axes, AUC in the legend."""
+def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float | None]], positive: str, path: Path,
+               points: dict[str, tuple[float, float]] | None = None) -> None:
+    """ROC curves of all variants on one set of axes, AUC in the legend; `points`: each variant's
+    operating point (false positive rate, true positive rate), marked on its curve."""
     colors = _colors(list(curves))
-    fig, ax = plt.subplots(figsize=(5.5, 5.2))
+    fig, ax = plt.subplots(figsize=(5.8, 5.6))
     for v, (fpr, tpr, auc) in curves.items():
         label = f"{v} (AUC {auc:.4f})" if auc is not None else v
         ax.plot(fpr, tpr, label=label, color=colors[v], lw=1.6)
+        if points and v in points:
+            ax.plot(*points[v], "o", color=colors[v], ms=7, mec="black", mew=0.8)
     ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1)
     ax.set_xlabel("false positive rate (1 - specificity)")
     ax.set_ylabel(f"true positive rate (sensitivity to {positive})")
-    ax.set_title("Test ROC curves (best epoch on validation)")
+    title = "Test ROC curves (best epoch on validation)"
+    if points:
+        title += "; dots: the operating point (threshold chosen on validation)"
+    ax.set_title(_wrap(title, 5.8, 11), fontsize=11)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     _save(fig, path)
@@ -131,21 +162,21 @@ def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float | None]], p
 def reliability(diagrams: dict[str, tuple[list[dict], float]], path: Path) -> None:
     """Reliability diagram per variant: accuracy against mean confidence in each bin."""
     variants = list(diagrams)
-    fig, axes = plt.subplots(1, len(variants), figsize=(3.2 * len(variants), 3.5), squeeze=False)
-    for ax, v in zip(axes[0], variants):
+    fig, axes, width = _panels(len(variants), 3.3, 3.5)
+    for ax, v in zip(axes, variants):
         bins, ece = diagrams[v]
         used = [b for b in bins if int(b["count"]) > 0]
         conf = [float(b["confidence"]) for b in used]
         acc = [float(b["accuracy"]) for b in used]
-        width = float(bins[0]["high"]) - float(bins[0]["low"])
-        ax.bar([float(b["low"]) for b in used], acc, width=width, align="edge", alpha=0.35,
+        bin_width = float(bins[0]["high"]) - float(bins[0]["low"])
+        ax.bar([float(b["low"]) for b in used], acc, width=bin_width, align="edge", alpha=0.35,
                edgecolor="tab:blue", label="accuracy in bin")
         ax.plot(conf, acc, "o-", color="tab:blue", ms=3)
         ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
-        ax.set_xlabel("confidence (top-label probability)")
-        ax.set_ylabel("accuracy")
-        ax.set_title(f"{v}\nECE {ece:.4f}", fontsize=9)
-    fig.suptitle("Reliability on the test set (best epoch on validation)")
+        ax.set_xlabel("confidence (top-label probability)", fontsize=8)
+        ax.set_ylabel("accuracy", fontsize=8)
+        ax.set_title(f"{_wrap(v, 3.2, 9)}\nECE {ece:.4f}", fontsize=9)
+    fig.suptitle(_wrap("Reliability on the test set (best epoch on validation)", width))
     _save(fig, path)

@@ -26,6 +26,7 @@ from cxrlab.data.datasets import (
     prepared_image_size,
 )
 from cxrlab.errors import UserError
+from cxrlab.model.architectures import family_name
 from cxrlab.model.backbones import build_model
 from cxrlab.model.freezing import phases
 from cxrlab.model.losses import StudyLoss, class_weights
@@ -77,8 +78,13 @@ def make_loaders(cfg: TrainParams, splits: Splits, rt: Runtime, seed: int, loadi
     if rest or not per_process:
         raise UserError(f"train.batch_size {cfg.batch_size} does not split evenly over {rt.world_size} processes "
                         f"(runtime.processes x runtime.nodes); set train.batch_size to a multiple of {rt.world_size}")
+    # Batch norm in training mode cannot normalise one image where a map is 1 x 1 (ResNet's last block at
+    # 32 px, a ViT has none): a last batch of one image is dropped (only then: drop_last would lose up to
+    # batch_size - 1 images). The order is reshuffled each epoch, so no image is left out for good.
+    alone = -(-len(splits.fit) // rt.world_size) % per_process == 1 and per_process > 1
     loader = make_loader(ImageArrayDataset(splits.fit, augment), per_process, shuffle=True, seed=seed,
-                         settings=loading, rank=rt.rank, world_size=rt.world_size, balanced=cfg.balanced_sampler)
+                         settings=loading, rank=rt.rank, world_size=rt.world_size, balanced=cfg.balanced_sampler,
+                         drop_last=alone and family_name(cfg.arch) != "vit")
     eval_batch = eval_batch_size("auto", rt.device)
     plain_settings = LoaderSettings(pin_memory=loading.pin_memory)
 

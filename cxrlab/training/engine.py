@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cxrlab.data.datasets import to_model_input
+from cxrlab.errors import UserError
 from cxrlab.evaluation.stats import metrics_from_confusion
 from cxrlab.model.freezing import train_mode
 from cxrlab.model.losses import total
@@ -55,6 +56,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             else:
                 terms = {"cross_entropy": loss_fn(logits, y)}
             loss = total(terms)
+            if not torch.isfinite(loss):  # one sync per step, small next to the step: a NaN must stop the run now
+                raise UserError(diverged(desc, loss.item(), step, steps, optimizer.param_groups[0]["lr"]))
             scaled = loss / accumulate_steps
             (rt.scaler.scale(scaled) if rt.scaler else scaled).backward()
         if boundary:
@@ -88,6 +91,13 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
              for i, name in enumerate(names)}
     return {**means, "confusion": confusion.cpu().numpy(),
             "images": n, "seconds": seconds, "images_per_s": n / max(seconds, 1e-9)}
+
+
+def diverged(desc: str, loss: float, step: int, steps: int, lr: float) -> str:
+    """What a run whose training loss became nan or inf was doing, and what to try."""
+    return (f"{desc}: the training loss became {loss} at batch {step + 1} of {steps}, at lr {lr:.3g}: the run "
+            "diverged and was stopped; nothing of it was published. Try a lower train.lr (e.g. "
+            f"{lr / 10:.3g}), a warmup (train.scheduler: warmup_cosine), or train.amp: false")
 
 
 @torch.inference_mode()

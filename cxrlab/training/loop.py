@@ -41,8 +41,9 @@ state, written atomically each epoch, and its log) and is moved into those
 outputs only when complete (the resume file is removed then), so an
 interrupted stage leaves nothing DVC could take for a result. With
 `runtime.resume: true` each run continues from its last
-finished epoch if the settings and data are unchanged; on the CPU the result
-is the same as an uninterrupted run.
+finished epoch if the settings and data are unchanged, and a run (seed, fold)
+that completed before the interruption is kept, not trained again
+(resume.FinishedRuns); on the CPU the result is the same as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -74,8 +75,8 @@ from cxrlab.model.optim import scale_lr
 from cxrlab.training.build import Splits, TrainingRun, build_run, run_splits
 from cxrlab.training.engine import confusion_summary, predict, train_one_epoch
 from cxrlab.training.folds import add_summary, run_outputs, run_units, train_headline
-from cxrlab.training.resume import RESUME_FILE, resumable, run_fingerprint, truncate_log
-from cxrlab.training.runtime import Runtime, agree_to_stop, seed_all, setup, teardown, torchrun_command, wrap
+from cxrlab.training.resume import RESUME_FILE, FinishedRuns, resumable, run_fingerprint, truncate_log
+from cxrlab.training.runtime import Runtime, agree, agree_to_stop, seed_all, setup, teardown, torchrun_command, wrap
 
 HIGHER_IS_BETTER = {"f1": True, "macro_f1": True, "accuracy": True, "roc_auc": True, "loss": False}
 
@@ -116,15 +117,20 @@ def train_variant(variant: str, params: Params) -> None:
     try:
         loading = loader_settings(knobs, rt.device)
         runs: dict = {}
+        finished = FinishedRuns(variant, cfg, params.data, knobs.resume, rt.is_main)
         for i, (seed, fold) in enumerate(units):
-            add_summary(runs, seed, fold, train_run(variant, cfg, seed, params.data, rt,
-                                                    run_splits(train_split, test_split, fold), loading,
-                                                    resume=knobs.resume, runs_after=len(units) - 1 - i, fold=fold))
+            summary = agree(finished.kept(seed, fold), rt)  # completed before an interruption: kept
+            if summary is None:
+                summary = train_run(variant, cfg, seed, params.data, rt, run_splits(train_split, test_split, fold),
+                                    loading, resume=knobs.resume, runs_after=len(units) - 1 - i, fold=fold)
+                finished.record(seed, fold, summary)
+            add_summary(runs, seed, fold, summary)
         if rt.is_main:
             write_json(paths.train_dir(variant) / "report.json",
                        {"select_metric": f"val/{cfg.select_metric}", "seeds": runs})
             write_json(paths.train_dir(variant) / "metrics.json",
                        {variant: train_headline(runs, cfg.select_metric)})  # dvc exp show: `<variant>.best_epoch`
+            finished.clear()
     finally:
         teardown()
 

@@ -125,7 +125,12 @@ def pick_device(spec: str, local_rank: int = 0) -> torch.device:
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError:  # torch's own message is a traceback-worthy "Expected one of cpu, cuda, ..." list
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown device {spec!r} (--device or runtime.device); use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"runtime.device is {spec!r} but no CUDA GPU is visible; set runtime.device: auto or cpu")
@@ -232,6 +237,15 @@ def wrap(model: torch.nn.Module, rt: Runtime, compile_model: bool) -> torch.nn.M
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     return torch.compile(net) if compile_model else net
+
+
+def agree(value, rt: Runtime):
+    """Rank 0's `value` (any picklable object), given to every process."""
+    if not rt.distributed:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def agree_to_stop(stop: bool, rt: Runtime) -> bool:
