@@ -1,9 +1,11 @@
 """Class and folder names in `data.classes`: each becomes a folder name (data/dataset/<split>/<class>),
 so it must be one plain name. A `/` or `..` would write outside the project; a control character or a
-name longer than the file system allows fails later with a traceback naming no key."""
+name longer than the file system allows fails later with a traceback naming no key. Also the form of
+`data.group_by`, which names each image's group (patient or source) for the split."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Union
 
@@ -44,3 +46,23 @@ def classes_problem(classes: Union[dict[str, str], list[str]]) -> str | None:
     if len(set(folders)) != len(folders):
         return "two classes point at the same folder"
     return None
+
+
+def parse_group_by(spec: str) -> tuple[str, list[str]]:
+    """`data.group_by` (cxrlab.data.groups): ('regex', [pattern]) or ('csv', [file, image column,
+    group column]); a ValueError naming the fix."""
+    kind, _, rest = spec.partition(":")
+    if kind == "regex":
+        try:
+            re.compile(rest)
+        except re.error as e:
+            raise ValueError(f"{rest!r} is not a regular expression ({e})") from None
+        if not rest:
+            raise ValueError("regex: needs a pattern, e.g. 'regex:^([A-Z]+)_'")
+        return kind, [rest]
+    if kind == "csv":
+        parts = rest.split(":")
+        if len(parts) != 3 or not all(parts):
+            raise ValueError("csv: needs csv:<file under the download>:<image column>:<group column>")
+        return kind, parts
+    raise ValueError("give regex:<pattern> or csv:<file>:<image column>:<group column> (or null: no groups)")

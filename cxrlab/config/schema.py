@@ -22,34 +22,18 @@ from pydantic import (
 )
 
 from cxrlab.config.errors import did_you_mean
-from cxrlab.config.names import classes_problem
+from cxrlab.config.names import classes_problem, parse_group_by
 from cxrlab.model.architectures import ARCHITECTURES
 
 # torchvision.transforms.v2 classes usable as training augmentations: they
 # work on uint8 image tensors and keep the image size.
 AUGMENTATIONS = (
-    "AugMix",
-    "AutoAugment",
-    "ColorJitter",
-    "ElasticTransform",
-    "GaussianBlur",
-    "RandAugment",
-    "RandomAdjustSharpness",
-    "RandomAffine",
-    "RandomAutocontrast",
-    "RandomEqualize",
-    "RandomErasing",
-    "RandomGrayscale",
-    "RandomHorizontalFlip",
-    "RandomInvert",
-    "RandomPerspective",
-    "RandomPhotometricDistort",
-    "RandomPosterize",
-    "RandomRotation",
-    "RandomSolarize",
-    "RandomVerticalFlip",
-    "TrivialAugmentWide",
+    "AugMix", "AutoAugment", "ColorJitter", "ElasticTransform", "GaussianBlur", "RandAugment",
+    "RandomAdjustSharpness", "RandomAffine", "RandomAutocontrast", "RandomEqualize", "RandomErasing",
+    "RandomGrayscale", "RandomHorizontalFlip", "RandomInvert", "RandomPerspective", "RandomPhotometricDistort",
+    "RandomPosterize", "RandomRotation", "RandomSolarize", "RandomVerticalFlip", "TrivialAugmentWide",
 )
+
 
 class _Section(BaseModel):
     # allow_inf_nan=False: YAML's .nan and .inf are refused in every float of every section
@@ -62,26 +46,6 @@ def _count_or_auto(value: Union[int, str], info: ValidationInfo) -> Union[int, s
     if isinstance(value, int) and value < least:
         raise ValueError(f"{info.field_name} must be >= {least} or 'auto'")
     return value
-
-
-def parse_group_by(spec: str) -> tuple[str, list[str]]:
-    """`data.group_by` (cxrlab.data.groups): ('regex', [pattern]) or ('csv', [file, image column,
-    group column]); a ValueError naming the fix."""
-    kind, _, rest = spec.partition(":")
-    if kind == "regex":
-        try:
-            re.compile(rest)
-        except re.error as e:
-            raise ValueError(f"{rest!r} is not a regular expression ({e})") from None
-        if not rest:
-            raise ValueError("regex: needs a pattern, e.g. 'regex:^([A-Z]+)_'")
-        return kind, [rest]
-    if kind == "csv":
-        parts = rest.split(":")
-        if len(parts) != 3 or not all(parts):
-            raise ValueError("csv: needs csv:<file under the download>:<image column>:<group column>")
-        return kind, parts
-    raise ValueError("give regex:<pattern> or csv:<file>:<image column>:<group column> (or null: no groups)")
 
 
 class DataParams(_Section):
@@ -368,6 +332,8 @@ class EnsembleParams(_Section):
         if len(set(members)) != len(members):
             raise ValueError("members must be distinct variants")
         return members
+
+
 class ExternalSetParams(_Section):
     """One external test set (`external.<name>`): scored by every model, never trained, tuned or split on."""
 

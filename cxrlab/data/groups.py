@@ -19,7 +19,7 @@ import csv
 import re
 from pathlib import Path
 
-from cxrlab.config.schema import parse_group_by
+from cxrlab.config.names import parse_group_by
 from cxrlab.errors import UserError
 
 
