@@ -54,7 +54,8 @@ def test_runtime_knobs_rerun_nothing(reproduced):
     params = project / "params.yaml"
     before = params.read_text()
     knobs = {"device": "cpu", "num_workers": 2, "pin_memory": True, "persistent_workers": False,
-             "prefetch_factor": 2, "processes": 4, "nodes": 2, "rendezvous": "node0:29400", "resume": True}
+             "prefetch_factor": 2, "processes": 4, "nodes": 2, "rendezvous": "node0:29400", "resume": True,
+             "inference_precision": "fp32"}
     assert set(knobs) == set(yaml.safe_load(before)["runtime"])  # every knob, each to another value
     try:
         set_params(params, {f"runtime.{k}": v for k, v in knobs.items()})
@@ -171,6 +172,7 @@ def test_experiment_on_one_variant_reruns_only_it(experimented):
     # no other variant trains or evaluates again; the ensemble (which depends on all of models/), compare,
     # flops and plots (seconds) read every variant
     assert ran_stages(output) == {"train@contrast", "evaluate@contrast", "explain@contrast", "card@contrast",
+                                  "export@contrast",
                                   f"ensemble@{ENSEMBLE}", "compare", "flops", "plots"}
 
     diff = dvc("metrics", "diff", cwd=project).stdout  # what changed against HEAD

@@ -86,6 +86,10 @@ class OnnxPredictor:
         return f"ONNX opset {self.spec['opset']} of {self.spec['arch']}, {self.image_size} px"
 
     @property
+    def paths(self) -> list[Path]:
+        return [self.path]
+
+    @property
     def precision(self) -> str:
         return "fp32"  # the exported graph is float32 (onnxruntime on the CPU)
 
