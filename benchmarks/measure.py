@@ -110,6 +110,9 @@ def measure_model(pipe: Pipeline, args, defaults: dict, log: Log) -> dict:
     `args.model_rounds` rounds taking turns (so a burst of load elsewhere hits all); each side's
     images over its total time."""
     cfg = pipe.params.variant("baseline")
+    train_batch = args.train_batch or STUDY_BATCH  # the study's side
+    if args.train_batch:  # both sides at one batch size; else each its own (the study's 4, params' train.batch_size)
+        cfg = cfg.model_copy(update={"batch_size": args.train_batch})
     data, ev = pipe.params.data, pipe.params.evaluate
     seed = cfg.seeds[0]
     rt = pipe.runtime(cfg)  # what the train stage runs: `train.amp` on this machine
@@ -126,7 +129,7 @@ def measure_model(pipe: Pipeline, args, defaults: dict, log: Log) -> dict:
     restore_flags(defaults)
     torch.manual_seed(seed)
     files, labels = split_files(pipe.project, "train", "train")
-    study_batches = endless(study_loader(files, labels, args.image_size, data.mean, data.std))
+    study_batches = endless(study_loader(files, labels, args.image_size, data.mean, data.std, batch=train_batch))
     test_files, test_labels = split_files(pipe.project, "test")
     study_eval_loader = study_loader(test_files[:n_eval], test_labels[:n_eval], args.image_size, data.mean,
                                      data.std, shuffle=False)
@@ -214,8 +217,8 @@ def measure_model(pipe: Pipeline, args, defaults: dict, log: Log) -> dict:
     for part, batch, extra in (("train", cfg.batch_size, {"steps": sum(steps),
                                                           "loader_workers": run.loader.num_workers}),
                                ("eval", eval_batch, {"grad": False})):
-        study = side(f"study_{part}", STUDY_BATCH, "fp32", **({"steps": sum(steps)} if part == "train"
-                                                             else {"grad": True}))
+        study_extra = {"steps": sum(steps)} if part == "train" else {"grad": True}
+        study = side(f"study_{part}", train_batch if part == "train" else STUDY_BATCH, "fp32", **study_extra)
         result = {"study": study}
         for precision in precisions:
             result[precision] = side(f"{precision}_{part}", batch, precision, **extra)

@@ -45,7 +45,8 @@ def model_table(mo: dict, data: dict | None) -> str:
     notes = ["study: its own loader, fp32, Adam lr 1e-4, cross-entropy; evaluation in eval mode WITHOUT "
              "torch.no_grad",
              "pipeline: the train stage's run (model, loss, optimiser, freezing phase of epoch 1) through "
-             "cxrlab.training.engine.train_one_epoch (params' batch size) and predict (evaluate.batch_size);",
+             "cxrlab.training.engine.train_one_epoch (params' batch size or --train-batch) and predict "
+             "(evaluate.batch_size);",
              f"bf16 = autocast (fp32 weights, loss and optimiser), {native}; the train stage runs "
              f"{mo['stage_precision']} here ({mo['runtime']}); evaluate always fp32, predict and the page per "
              "runtime.inference_precision",

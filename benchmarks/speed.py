@@ -62,6 +62,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arch", default="resnet50", help="torchvision architecture for both sides (resnet50)")
     parser.add_argument("--image-size", type=int, default=224, help="training resolution S (224)")
     parser.add_argument("--steps", type=int, default=8, help="timed training steps per side, all rounds (8)")
+    parser.add_argument("--train-batch", type=int, default=None,
+                        help="training batch of both sides in the model step (default: each its own, the study's 4 "
+                             "and params' train.batch_size)")
     parser.add_argument("--eval-images", type=int, default=128,
                         help="timed evaluation images per side, all rounds (128)")
     parser.add_argument("--model-rounds", type=int, default=2,
@@ -86,9 +89,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="write every number and the machine to this JSON")
     parser.add_argument("--tmp", type=Path, default=None, help="folder for the temporary projects")
     args = parser.parse_args(argv)
-    if min(args.steps, args.eval_images, args.memory_steps, args.distinct_images, args.rounds,
+    batch = 1 if args.train_batch is None else args.train_batch
+    if min(args.steps, batch, args.eval_images, args.memory_steps, args.distinct_images, args.rounds,
            args.model_rounds) < 1:
-        parser.error("--steps, --eval-images, --memory-steps, --distinct-images and the rounds must be >= 1")
+        parser.error("--steps, --train-batch, --eval-images, --memory-steps, --distinct-images and the rounds "
+                     "must be >= 1")
     if min(class_counts(args.prepare_images).values()) < 5:
         parser.error("--prepare-images is too small: each class needs at least 5 images")
     args.skip = set(args.skip)

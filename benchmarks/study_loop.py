@@ -37,15 +37,15 @@ class StudyDataset(Dataset):
 
 
 def study_loader(files: list[Path], labels: list[int], size: int, mean, std, augment: dict | None = None,
-                 shuffle: bool = True) -> DataLoader:
-    """Resize((S, S)) [+ augmentation], ToTensor, Normalize; batch 4, no loader workers."""
+                 shuffle: bool = True, batch: int = STUDY_BATCH) -> DataLoader:
+    """Resize((S, S)) [+ augmentation], ToTensor, Normalize; batch 4 (the study's), no loader workers."""
     from torchvision import transforms as T
 
     steps = [T.Resize((size, size))]
     for name, kwargs in (augment or {}).items():
         steps.append(getattr(T, name)(**kwargs))
     steps += [T.ToTensor(), T.Normalize(mean, std)]
-    return DataLoader(StudyDataset(files, labels, T.Compose(steps)), batch_size=STUDY_BATCH,
+    return DataLoader(StudyDataset(files, labels, T.Compose(steps)), batch_size=batch,
                       shuffle=shuffle, num_workers=0)
 
 

@@ -15,7 +15,7 @@ from tests.conftest import ROOT, TINY, copy_project, run, set_params
 
 pytestmark = pytest.mark.slow
 
-TINY_BENCH = ["--arch", "resnet18", "--image-size", "32", "--steps", "1", "--eval-images", "4",
+TINY_BENCH = ["--arch", "resnet18", "--image-size", "32", "--steps", "1", "--train-batch", "2", "--eval-images", "4",
               "--prepare-images", "40", "--distinct-images", "8", "--memory-images", "33", "--memory-steps", "1",
               "--data-seconds", "0.3", "--rounds", "1", "--model-rounds", "1", "--threads", "1", "--skip", "repro"]
 NUMBER = r"\d+(?:\.\d+)?"
@@ -62,6 +62,9 @@ def test_json_holds_every_number_and_the_machine(bench):
         # fp32 and bf16 measured in the same run, side by side (on the CPU bf16 runs even where emulated)
         assert (r["fp32"]["precision"], r["bf16"]["precision"]) == ("fp32", "bf16")
         assert r["bf16_vs_fp32"] == pytest.approx(r["bf16"]["images_per_s"] / r["fp32"]["images_per_s"])
+    # --train-batch: both sides' training steps at that batch (evaluation keeps its own)
+    assert {model["train"][side]["batch"] for side in ("study", "fp32", "bf16")} == {2}
+    assert {model["train"][side]["images"] for side in ("study", "fp32", "bf16")} == {2}
     # the pipeline row is what the stages run: training in train.amp's precision here, evaluation in fp32
     assert model["train"]["pipeline"] == model["train"][model["stage_precision"]]
     assert model["eval"]["pipeline"] == model["eval"]["fp32"]
