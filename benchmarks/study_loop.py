@@ -38,7 +38,7 @@ class StudyDataset(Dataset):
 
 def study_loader(files: list[Path], labels: list[int], size: int, mean, std, augment: dict | None = None,
                  shuffle: bool = True, batch: int = STUDY_BATCH) -> DataLoader:
-    """Resize((S, S)) [+ augmentation], ToTensor, Normalize; batch 4 (the study's), no loader workers."""
+    """Resize((S, S)) [+ augmentation], ToTensor, Normalize; `batch` (the study's 4), no loader workers."""
     from torchvision import transforms as T
 
     steps = [T.Resize((size, size))]
